@@ -1,0 +1,482 @@
+"""The image store: read-only base disks that instance overlays are created on.
+
+Layout: ``root/<name>/image.json`` (metadata), ``root/<name>/disk.qcow2`` or ``disk.raw``
+(mode 0444), optionally ``vmlinuz`` and ``initrd.img``. Imports and downloads are built in
+``root/.staging/<random>/`` and appear by one rename, so a failure leaves nothing in the
+store and a crash leaves only staging directories, which the store removes on start.
+A derived image (a catalog entry with ``base``) has only an ``image.json``: its ``path``
+is the base's disk and its ``cloud_config`` carries the packages to install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import dataclasses
+import inspect
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from . import disks, errors
+from .catalog import DEFAULT_APPEND, Catalog, CatalogEntry
+from .fsutil import atomic_write_json, fsync_dir, read_json
+from .spec import check_image_name
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("qcow2", "raw")
+SUMS_MAX = 1 << 20
+_HEX_LEN = {64: "sha256", 128: "sha512"}
+_SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}|[0-9a-fA-F]{128})\s+\*?(.+?)\s*$")
+_BSD_LINE = re.compile(r"^(SHA256|SHA512) \((.+)\) = ([0-9a-fA-F]+)\s*$")
+
+Progress = Callable[[int, "int | None"], Any]
+
+
+@dataclass
+class Image:
+    """An image in the store. For a derived image ``path`` is the base's disk."""
+
+    name: str
+    format: str
+    path: Path
+    virtual_size: int
+    actual_size: int               # bytes this image occupies in the store (0 if derived)
+    sha256: str
+    boot: str = "disk"             # "disk" (BIOS) or "kernel" (kernel/initrd/append)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    description: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    base: str | None = None
+    cloud_config: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("path", "kernel", "initrd"):
+            out[key] = str(out[key]) if out[key] is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> "Image":
+        """Rebuild a record; the image's own files are found in ``directory``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        img = cls(**{k: v for k, v in data.items() if k in known})
+        if img.base is None:
+            img.path = directory / f"disk.{img.format}"
+            img.kernel = directory / "vmlinuz" if img.kernel else None
+            img.initrd = directory / "initrd.img" if img.initrd else None
+        else:
+            img.path = Path(img.path)
+            img.kernel = Path(img.kernel) if img.kernel else None
+            img.initrd = Path(img.initrd) if img.initrd else None
+        return img
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_sha256(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value.strip()):
+        raise errors.BadRequest(f"sha256: expected 64 hex digits, got {str(value)[:80]!r}")
+    return value.strip().lower()
+
+
+def _check_url(url: Any, what: str = "url") -> str:
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") \
+            or not urlsplit(url).netloc:
+        raise errors.BadRequest(f"{what}: expected an http(s) URL, got {str(url)[:200]!r}")
+    return url
+
+
+def _basename(url: str) -> str:
+    return urlsplit(url).path.rsplit("/", 1)[-1]
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """A SHA256SUMS/SHA512SUMS file: ``{file name: lowercase hex digest}``. Accepts
+    ``HASH  name``, ``HASH *name`` and BSD ``SHA256 (name) = HASH`` lines."""
+    sums = {}
+    for line in text.splitlines():
+        if m := _SUMS_LINE.match(line):
+            digest, name = m.groups()
+        elif m := _BSD_LINE.match(line):
+            _, name, digest = m.groups()
+        else:
+            continue
+        sums[name.removeprefix("./")] = digest.lower()
+    return sums
+
+
+class ImageStore:
+    """Images under ``root``; ``catalog`` says what :meth:`pull` can fetch by name."""
+
+    def __init__(self, root: Path, catalog: Catalog, *, connect_timeout: float = 30.0,
+                 read_timeout: float = 60.0) -> None:
+        self.root = Path(root)
+        self.catalog = catalog
+        self.staging = self.root / ".staging"
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
+                                             sock_connect=connect_timeout,
+                                             sock_read=read_timeout)
+        self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(mode=0o700, exist_ok=True)
+
+    # --- reading -------------------------------------------------------------------
+
+    def _load(self, name: str) -> Image:
+        directory = self.root / name
+        try:
+            data = read_json(directory / "image.json")
+        except FileNotFoundError:
+            hint = (f"; pull it with 'vmctl image pull {name}'" if name in self.catalog
+                    else "")
+            raise errors.NotFound(f"image {name!r} is not in the store{hint}",
+                                  image=name) from None
+        return Image.from_json(data, directory)
+
+    def get(self, name: str) -> Image:
+        """The image ``name`` (NotFound). A derived image shows its base's current disk."""
+        check_image_name(name)
+        img = self._load(name)
+        if img.base is not None:
+            try:
+                base = self._load(img.base)
+            except errors.NotFound:
+                return img
+            img = dataclasses.replace(
+                img, format=base.format, path=base.path, virtual_size=base.virtual_size,
+                sha256=base.sha256, boot=base.boot, kernel=base.kernel,
+                initrd=base.initrd, append=base.append)
+        return img
+
+    def exists(self, name: str) -> bool:
+        return (self.root / check_image_name(name) / "image.json").is_file()
+
+    def list(self) -> list[Image]:
+        images = []
+        for directory in sorted(self.root.iterdir()):
+            if directory.name.startswith(".") or not (directory / "image.json").is_file():
+                continue
+            try:
+                images.append(self.get(directory.name))
+            except (OSError, ValueError, TypeError, errors.VMAgentError) as exc:
+                log.warning("skipping unreadable image %s: %s", directory, exc)
+        return images
+
+    def resolve(self, name: str) -> Image:
+        """The record to create a VM from: ``path`` is the disk to put the overlay on
+        (the base's disk for a derived image, whose ``cloud_config`` is kept)."""
+        img = self.get(name)
+        if img.base is not None and not self.exists(img.base):
+            raise errors.ImageError(f"image {name!r} is derived from {img.base!r}, which is "
+                                    f"missing; pull {img.base!r} again", image=name)
+        if not img.path.is_file():
+            raise errors.ImageError(f"the disk of image {name!r} is missing: {img.path}")
+        return img
+
+    # --- staging -------------------------------------------------------------------
+
+    def _stage(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.staging))
+
+    async def _discard(self, path: Path) -> None:
+        if path.exists():
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, path, True))
+
+    def _commit(self, stage: Path, image: Image) -> Image:
+        """Write image.json into ``stage`` and rename it to ``root/<name>`` (lock held)."""
+        final = self.root / image.name
+        if final.exists():
+            raise errors.Conflict(f"image {image.name!r} already exists", image=image.name)
+        if image.base is None:
+            for f in (image.path, image.kernel, image.initrd):
+                if f is not None:
+                    os.chmod(f, 0o444)
+        atomic_write_json(stage / "image.json", image.to_json())
+        os.chmod(stage, 0o755)
+        os.rename(stage, final)
+        fsync_dir(self.root)
+        return self.get(image.name)
+
+    async def _check_disk(self, path: Path, expect: str | None = None) -> dict[str, Any]:
+        """Probe ``path`` with qemu-img and refuse what must not be a base image."""
+        info = await disks.qemu_img_info(path)
+        fmt = info.get("format")
+        if fmt not in FORMATS:
+            raise errors.ImageError(f"image format {fmt!r} is not supported (use qcow2 or "
+                                    "raw): convert it with 'qemu-img convert -O qcow2 SRC "
+                                    "DEST'", format=fmt)
+        if expect is not None and fmt != expect:
+            raise errors.ImageError(f"the image is {fmt}, not {expect} as declared")
+        if "backing-filename" in info:
+            raise errors.ImageError(
+                f"the image has a backing file ({info['backing-filename']}); a base image "
+                "must be self-contained: flatten it with 'qemu-img convert -O qcow2'")
+        data = info.get("format-specific", {}).get("data", {})
+        if "data-file" in data:
+            raise errors.ImageError(f"the image uses an external data file "
+                                    f"({data['data-file']}); convert it with 'qemu-img "
+                                    "convert -O qcow2' first")
+        if info.get("encrypted") or data.get("corrupt"):
+            raise errors.ImageError("the image is encrypted or marked corrupt")
+        return info
+
+    # --- import --------------------------------------------------------------------
+
+    async def import_file(self, name: str, path: str | os.PathLike, *,
+                          kernel: str | os.PathLike | None = None,
+                          initrd: str | os.PathLike | None = None, append: str | None = None,
+                          sha256: str | None = None, description: str | None = None) -> Image:
+        """Copy a disk (and optionally a kernel and initrd) from this host into the store."""
+        check_image_name(name)
+        sha256 = _check_sha256(sha256)
+        if initrd is not None and kernel is None:
+            raise errors.BadRequest("initrd given without kernel")
+        if append is not None and kernel is None:
+            raise errors.BadRequest("append is only used with kernel")
+        files = {"path": path, "kernel": kernel, "initrd": initrd}
+        for what, f in files.items():
+            if f is not None and not Path(f).is_file():
+                raise errors.BadRequest(f"{what}: {f} is not a regular file"
+                                        if Path(f).exists() else f"{what}: {f} does not exist")
+        async with self._locks[name]:
+            if self.exists(name):
+                raise errors.Conflict(f"image {name!r} already exists", image=name)
+            await self._check_disk(Path(path))      # refuse early, before a long copy
+            stage = self._stage()
+            try:
+                part = stage / "disk.part"
+                w = await asyncio.to_thread(disks.sparse_copy, Path(path), part)
+                got = w.digest("sha256")
+                if sha256 and got != sha256:
+                    raise errors.ImageError(f"sha256 mismatch: expected {sha256}, got {got}")
+                info = await self._check_disk(part)
+                disk = stage / f"disk.{info['format']}"
+                os.rename(part, disk)
+                for src, dst in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
+                    if src is not None:
+                        await asyncio.to_thread(shutil.copyfile, src, stage / dst)
+                image = Image(
+                    name=name, format=info["format"], path=disk,
+                    virtual_size=info["virtual-size"], actual_size=info["actual-size"],
+                    sha256=got, boot="kernel" if kernel else "disk",
+                    kernel=stage / "vmlinuz" if kernel else None,
+                    initrd=stage / "initrd.img" if initrd else None,
+                    append=(append or DEFAULT_APPEND) if kernel else None,
+                    description=description or f"imported from {path}",
+                    source={"kind": "file", "location": str(Path(path).absolute())},
+                    created=_now())
+                return self._commit(stage, image)
+            finally:
+                await self._discard(stage)
+
+    # --- pull ----------------------------------------------------------------------
+
+    async def pull(self, name: str, *, url: str | None = None, sha256: str | None = None,
+                   progress: Progress | None = None) -> Image:
+        """Download a catalog entry (or ``url``, then ``sha256`` is required) and verify
+        its digest before it enters the store. Idempotent: an image already in the store
+        is returned as is. ``progress(done_bytes, total_bytes | None)`` may be async."""
+        check_image_name(name)
+        sha256 = _check_sha256(sha256)
+        if url is None:
+            entry = self.catalog.get(name)
+        else:
+            if sha256 is None:
+                raise errors.BadRequest("sha256 is required to pull from a URL")
+            entry = CatalogEntry(name=name, url=_check_url(url), sha256=sha256,
+                                 description=f"downloaded from {url}")
+        async with self._locks[name]:
+            if self.exists(name):
+                image = self.get(name)
+                if url is not None and image.source.get("location") != url:
+                    raise errors.Conflict(f"image {name!r} already exists (from "
+                                          f"{image.source.get('location')})", image=name)
+                return image
+            if not entry.derived:
+                return await self._download_entry(entry, sha256, progress)
+            async with self._locks[entry.base]:     # derived -> base lock order only
+                if not self.exists(entry.base):
+                    await self._download_entry(self.catalog.get(entry.base), None, progress)
+                return await self._make_derived(entry)
+
+    async def _make_derived(self, entry: CatalogEntry) -> Image:
+        base = self.get(entry.base)
+        cloud_config = copy.deepcopy(entry.cloud_config)
+        packages = list(cloud_config.get("packages", []))
+        packages += [p for p in entry.packages if p not in packages]
+        cloud_config["packages"] = packages
+        image = dataclasses.replace(
+            base, name=entry.name, actual_size=0, description=entry.description,
+            source={"kind": "base", "location": base.name, "catalog": entry.name},
+            created=_now(), base=base.name, cloud_config=cloud_config)
+        stage = self._stage()
+        try:
+            return self._commit(stage, image)
+        finally:
+            await self._discard(stage)
+
+    async def _download_entry(self, entry: CatalogEntry, sha256: str | None,
+                              progress: Progress | None) -> Image:
+        stage = self._stage()
+        try:
+            async with aiohttp.ClientSession(timeout=self.timeout) as session:
+                sums = (await self._fetch_sums(session, entry.checksum_url)
+                        if entry.checksum_url else {})
+
+                def expected(url: str, *given: tuple[str, str | None]) -> dict[str, str]:
+                    want = {algo: hexd for algo, hexd in given if hexd}
+                    if entry.checksum_url:
+                        hexd = sums.get(_basename(url))
+                        if hexd is None:
+                            raise errors.ImageError(f"{_basename(url)} is not listed in "
+                                                    f"{entry.checksum_url}")
+                        want[_HEX_LEN[len(hexd)]] = hexd
+                    if not want:
+                        raise errors.ImageError(f"no digest to verify {url} with")
+                    return want
+
+                part = stage / "disk.part"
+                w = await self._download(session, entry.url, part, expected(
+                    entry.url, ("sha256", entry.sha256), ("sha512", entry.sha512)),
+                    progress)
+                if sha256 and w.digest("sha256") != sha256:
+                    raise errors.ImageError(f"sha256 mismatch for {entry.url}: expected "
+                                            f"{sha256}, got {w.digest('sha256')}")
+                for url, dst, hexd in ((entry.kernel_url, "vmlinuz", entry.kernel_sha256),
+                                       (entry.initrd_url, "initrd.img", entry.initrd_sha256)):
+                    if url:
+                        await self._download(session, url, stage / dst,
+                                             expected(url, ("sha256", hexd)), None)
+            info = await self._check_disk(part, entry.format)
+            disk = stage / f"disk.{info['format']}"
+            os.rename(part, disk)
+            kernel = entry.boot == "kernel" and entry.kernel_url
+            image = Image(
+                name=entry.name, format=info["format"], path=disk,
+                virtual_size=info["virtual-size"], actual_size=info["actual-size"],
+                sha256=w.digest("sha256"), boot="kernel" if kernel else "disk",
+                kernel=stage / "vmlinuz" if kernel else None,
+                initrd=stage / "initrd.img" if kernel and entry.initrd_url else None,
+                append=(entry.append or DEFAULT_APPEND) if kernel else None,
+                description=entry.description,
+                source={"kind": "url", "location": entry.url,
+                        **({"catalog": entry.name}
+                           if self.catalog.entries.get(entry.name) is entry else {})},
+                created=_now())
+            return self._commit(stage, image)
+        finally:
+            await self._discard(stage)
+
+    async def _fetch_sums(self, session: aiohttp.ClientSession, url: str) -> dict[str, str]:
+        data = bytearray()
+        async with _Request(session, url) as resp:
+            async for chunk in self._chunks(resp, url):
+                data += chunk
+                if len(data) > SUMS_MAX:
+                    raise errors.ImageError(f"checksum file {url} is over {SUMS_MAX} bytes")
+        return parse_sums(data.decode(errors="replace"))
+
+    async def _download(self, session: aiohttp.ClientSession, url: str, dest: Path,
+                        want: dict[str, str], progress: Progress | None) -> disks.SparseWriter:
+        """Stream ``url`` to ``dest`` (sparse), hashing as it goes; check ``want``."""
+        w = await asyncio.to_thread(disks.SparseWriter, dest, tuple(want))
+        try:
+            async with _Request(session, url) as resp:
+                total, done, buf = resp.content_length, 0, bytearray()
+                async for chunk in self._chunks(resp, url):
+                    buf += chunk
+                    if len(buf) >= 4 * disks.CHUNK:
+                        await asyncio.to_thread(w.write, bytes(buf))
+                        done += len(buf)
+                        buf.clear()
+                        if progress is not None and inspect.isawaitable(
+                                r := progress(done, total)):
+                            await r
+                await asyncio.to_thread(w.write, bytes(buf))
+                done += len(buf)
+                if progress is not None and inspect.isawaitable(r := progress(done, total)):
+                    await r
+            await asyncio.to_thread(w.close)
+        finally:
+            w.abort()
+        for algo, hexd in want.items():
+            if w.digest(algo) != hexd:
+                raise errors.ImageError(f"{algo} mismatch for {url}: expected {hexd}, "
+                                        f"got {w.digest(algo)}", url=url)
+        return w
+
+    async def _chunks(self, resp: aiohttp.ClientResponse, url: str):
+        try:
+            async for chunk in resp.content.iter_chunked(disks.CHUNK):
+                yield chunk
+        except TimeoutError:
+            raise errors.ImageError(f"download of {url} stalled (read timeout)",
+                                    url=url) from None
+        except aiohttp.ClientError as exc:
+            raise errors.ImageError(f"download of {url} failed: {exc}", url=url) from None
+
+    # --- remove --------------------------------------------------------------------
+
+    async def remove(self, name: str, in_use: list[str]) -> None:
+        """Delete an image no VM uses and no other image is derived from."""
+        async with self._locks[name]:
+            self.get(name)
+            if in_use:
+                raise errors.Conflict(f"image {name!r} is used by VM(s): "
+                                      f"{', '.join(sorted(in_use))}", vms=sorted(in_use))
+            derived = [i.name for i in self.list() if i.base == name]
+            if derived:
+                raise errors.Conflict(f"image {name!r} is the base of {', '.join(derived)}; "
+                                      "remove those first", images=derived)
+            trash = self._stage()
+            os.rename(self.root / name, trash / name)
+            fsync_dir(self.root)
+            await self._discard(trash)
+
+
+class _Request:
+    """``session.get`` as a context manager that maps failures to :class:`ImageError`."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session, self.url, self.resp = session, url, None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        try:
+            self.resp = await self.session.get(self.url)
+        except TimeoutError:
+            raise errors.ImageError(f"connecting to {self.url} timed out",
+                                    url=self.url) from None
+        except aiohttp.ClientError as exc:
+            raise errors.ImageError(f"download of {self.url} failed: {exc}",
+                                    url=self.url) from None
+        if self.resp.status != 200:
+            status, reason = self.resp.status, self.resp.reason
+            self.resp.release()
+            raise errors.ImageError(f"download of {self.url} failed: HTTP {status} {reason}",
+                                    url=self.url, status=status)
+        return self.resp
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.resp is not None:
+            self.resp.release()
