@@ -23,6 +23,10 @@ QGA_SOCK = "qga.sock"
 CONSOLE_LOG = "console.log"
 DISK = "disk.qcow2"
 SEED = "seed.iso"
+# Block node of the instance disk (live snapshots name it); the drive's id is "disk0".
+DISK_NODE = "hd0"
+# The seed CD's device id (its medium is changed by push_config while running).
+SEED_DEVICE = "cd0"
 
 # seccomp: deny what a VM never needs, but keep what -daemonize does. Measured with qemu
 # 7.2: spawn=deny kills the daemonizing fork() with SIGSYS, and elevateprivileges=deny
@@ -92,12 +96,16 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-device", "pvpanic",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
         "-device", f"virtio-net-pci,netdev=net0,mac={cfg.mac}",
-        "-drive", f"file={_drive_path(disk)},if=none,id=disk0,format=qcow2,"
+        "-drive", f"file={_drive_path(disk)},if=none,id=disk0,"
+                  f"node-name={DISK_NODE},format=qcow2,"
                   "cache=writeback,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1",
         "-drive", f"file={_drive_path(seed)},if=none,id=seed0,format=raw,media=cdrom,"
                   "readonly=on",
-        "-device", "ide-cd,drive=seed0,id=cd0",
+        # virtio-scsi, not ide-cd: cloud kernels (the test image's) have no AHCI driver;
+        # a CD keeps a removable medium so push_config can swap the seed while running
+        "-device", "virtio-scsi-pci,id=scsi0",
+        "-device", f"scsi-cd,bus=scsi0.0,drive=seed0,id={SEED_DEVICE}",
         "-rtc", "base=utc",
         "-msg", "timestamp=on",
     ]

@@ -1,0 +1,161 @@
+"""Fixtures for the vmctl tests: a real vmagent process (unix socket + token TCP).
+
+Imported by the tests/test_cli_*.py modules (``from cli_helpers import *``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vmctl.main import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_IMAGE_DIR = Path("/var/cache/vm-test-image")
+TEST_IMAGE = TEST_IMAGE_DIR / "debian-12-test.qcow2"
+TOKEN = "test-token-0123456789abcdef"
+GOLDEN_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdM09Ct5ZbpGEQm6BvLA/Ji8N4McDg7RPn/"
+              "6+OGhCmD golden@vmctl")
+ENV_VARS = ("VMCTL_AGENT", "VMCTL_CONFIG", "VMCTL_TOKEN", "VMCTL_TOKEN_FILE", "VMCTL_DEBUG")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Agent:
+    state_dir: Path
+    socket: Path
+    port: int
+    token_file: Path
+    proc: subprocess.Popen
+
+    @property
+    def unix(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_agent(base: Path) -> Agent:
+    state = base / "state"
+    token_file = base / "token"
+    token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    log = open(base / "agent.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmagent.cli", "serve", "--state-dir", str(state),
+         "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), "--accel", "tcg"],
+        stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    line = b""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if b"ready" in line:
+                return Agent(state, state / "vmagent.sock", port, token_file, proc)
+    proc.kill()
+    raise RuntimeError(f"vmagent did not start: {line!r}; log: "
+                       f"{(base / 'agent.log').read_text()[-2000:]}")
+
+
+def stop_agent(agent: Agent) -> None:
+    agent.proc.terminate()
+    try:
+        agent.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        agent.proc.kill()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private HOME (keys, config, known_hosts) and a clean vmctl environment."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory):
+    """One agent for the session, with the test image imported as ``test``."""
+    base = tmp_path_factory.mktemp("agent")
+    a = start_agent(base)
+    try:
+        yield a
+    finally:
+        stop_agent(a)
+
+
+@pytest.fixture
+def run(home):
+    """``run(*args, input=None)`` -> click Result, stdout and stderr kept apart."""
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None, env: dict | None = None):
+        return runner.invoke(cli, [str(a) for a in args], input=input, env=env,
+                             catch_exceptions=False)
+    return invoke
+
+
+@pytest.fixture
+def local(agent, run, monkeypatch):
+    """``run`` aimed at the session agent's unix socket through VMCTL_AGENT."""
+    monkeypatch.setenv("VMCTL_AGENT", agent.unix)
+    return run
+
+
+def ensure_test_image(run) -> None:
+    """Import the test image once per agent (through ``vmctl image import``)."""
+    listing = json.loads(run("--json", "image", "list").stdout)
+    if any(i["name"] == "test" for i in listing["images"]):
+        return
+    if not TEST_IMAGE.is_file():
+        pytest.skip(f"{TEST_IMAGE} is not available")
+    result = run("--json", "image", "import", TEST_IMAGE, "--name", "test",
+                 "--kernel", TEST_IMAGE_DIR / "vmlinuz", "--initrd",
+                 TEST_IMAGE_DIR / "initrd.img")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["name"] == "test" and doc["boot"] == "kernel"
+
+
+def normalize(text: str, agent: Agent) -> str:
+    """Replace what differs between runs: paths, MAC, ports, ids."""
+    text = text.replace(str(agent.state_dir), "$STATE")
+    text = re.sub(r"52:54:00(:[0-9a-f]{2}){3}", "52:54:00:XX:XX:XX", text)
+    text = re.sub(r"hostfwd=tcp:127\.0\.0\.1:\d+-", "hostfwd=tcp:127.0.0.1:PORT-", text)
+    text = re.sub(r"guid=[0-9a-f-]{36}", "guid=GUID", text)
+    text = re.sub(r"(instance-id: [a-z0-9-]+?)-[0-9a-f]{8,}", r"\1-ID", text)
+    return text
+
+
+def check_golden(name: str, text: str) -> None:
+    path = ROOT / "tests" / "golden" / name
+    if os.environ.get("VMCTL_UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+        if not os.environ.get("VMCTL_UPDATE_GOLDEN"):
+            pytest.fail(f"golden file {path} was missing and has been written; check it in")
+    assert text == path.read_text(), f"differs from {path} (VMCTL_UPDATE_GOLDEN=1 rewrites)"

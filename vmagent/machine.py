@@ -1,0 +1,115 @@
+"""One qemu process: launch (daemonized, from its run dir), find, signal, wait.
+
+Modelled on QEMU's ``QEMUMachine``: the argv is a list computed elsewhere (argv.py);
+``launch()`` runs it and raises :class:`VMLaunchFailure` with the exit code, the command
+and everything qemu printed; ``kill()`` and ``wait_gone()`` end it. The pid is read from
+the pidfile qemu writes, and trusted only if ``/proc/PID/cmdline`` is this run dir's qemu
+(pids are reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+from . import argv as qargv
+from .errors import Timeout, VMLaunchFailure
+
+LAUNCH_TIMEOUT = 120.0
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2:].startswith("Z")
+
+
+class Machine:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / qargv.PIDFILE
+
+    def pid(self) -> int | None:
+        """The pid of this VM's running qemu, or None. Checks the command line."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if pid <= 1 or _is_zombie(pid):
+            return None
+        if not qargv.owns_cmdline(read_cmdline(pid), self.run_dir):
+            return None
+        return pid
+
+    def alive(self) -> bool:
+        return self.pid() is not None
+
+    async def launch(self, argv: list[str], timeout: float = LAUNCH_TIMEOUT) -> int:
+        """Start qemu (it daemonizes once its devices are set up) and return its pid."""
+        for stale in (qargv.PIDFILE, qargv.QMP_SOCK, qargv.CONSOLE_SOCK, qargv.VNC_SOCK,
+                      qargv.QGA_SOCK):
+            (self.run_dir / stale).unlink(missing_ok=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=self.run_dir, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True)
+        except OSError as e:
+            raise VMLaunchFailure(None, argv, f"{argv[0]}: {e.strerror or e}") from e
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            self.kill()
+            raise VMLaunchFailure(None, argv, f"qemu did not finish starting within "
+                                  f"{timeout:g}s", message="qemu start timed out")
+        output = out.decode("utf-8", "replace")
+        if proc.returncode != 0:
+            self.kill()
+            raise VMLaunchFailure(proc.returncode, argv, output)
+        pid = self.pid()
+        if pid is None:
+            raise VMLaunchFailure(proc.returncode, argv, output + "\n(qemu exited right "
+                                  "after daemonizing; see console.log)")
+        return pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait_gone(self, timeout: float) -> bool:
+        """Wait until qemu has exited; True if it did within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    async def kill_and_wait(self, timeout: float = 10.0) -> None:
+        self.kill(signal.SIGKILL)
+        if not await self.wait_gone(timeout):
+            raise Timeout(f"qemu of {self.run_dir.name} did not exit after SIGKILL")

@@ -1,0 +1,127 @@
+"""QMP and guest-agent access, only through ``qemu.qmp``, with a timeout on every call.
+
+Unix socket paths are limited to 107 bytes; a run dir can be deeper than that (a long
+state dir, a 63-character VM name). :func:`connect_unix` connects through the run dir's
+``/proc/self/fd/N`` alias when the plain path is too long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from .errors import QMPFailure, Timeout
+
+log = logging.getLogger(__name__)
+
+SUN_PATH_MAX = 107
+DEFAULT_TIMEOUT = 10.0
+
+
+def connect_unix(path: Path) -> socket.socket:
+    """A connected, non-blocking AF_UNIX stream socket to ``path`` (any length)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        target = str(path)
+        if len(os.fsencode(target)) <= SUN_PATH_MAX:
+            sock.connect(target)
+        else:
+            dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+            try:
+                sock.connect(f"/proc/self/fd/{dirfd}/{path.name}")
+            finally:
+                os.close(dirfd)
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class Monitor:
+    """One QMP (or guest agent) connection. ``execute`` never waits forever."""
+
+    def __init__(self, path: Path, name: str, *, guest_agent: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.timeout = timeout
+        self.client = QMPClient(name)
+        if guest_agent:
+            # qemu-ga sends no greeting and knows no qmp_capabilities
+            self.client.await_greeting = False
+            self.client.negotiate = False
+
+    async def connect(self, timeout: float | None = None) -> "Monitor":
+        try:
+            sock = connect_unix(self.path)
+        except OSError as e:
+            raise QMPFailure(f"{self.name}: cannot connect to {self.path.name}: "
+                             f"{e.strerror or e}", socket=str(self.path)) from e
+        try:
+            await asyncio.wait_for(self.client.connect(sock), timeout or self.timeout)
+        except asyncio.TimeoutError as e:
+            sock.close()
+            raise Timeout(f"{self.name}: no QMP greeting within "
+                          f"{timeout or self.timeout:g}s") from e
+        except QMPError as e:
+            sock.close()
+            raise QMPFailure(f"{self.name}: QMP handshake failed: {e}") from e
+        return self
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        limit = timeout or self.timeout
+        try:
+            return await asyncio.wait_for(self.client.execute(command, arguments), limit)
+        except asyncio.TimeoutError as e:
+            raise Timeout(f"{self.name}: {command} did not answer within {limit:g}s",
+                          command=command) from e
+        except ExecuteError as e:
+            raise QMPFailure(f"{self.name}: {command} failed: {e.error_class}: {e}", command=command, arguments=arguments,
+                             error_class=e.error_class) from e
+        except (QMPError, OSError, EOFError) as e:
+            raise QMPFailure(f"{self.name}: {command}: connection lost ({e})",
+                             command=command) from e
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.disconnect(), 5)
+        except Exception as e:  # noqa: BLE001 - closing a dead connection is fine
+            log.debug("%s: disconnect: %s", self.name, e)
+
+    async def __aenter__(self) -> "Monitor":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+async def guest_agent_call(path: Path, name: str, command: str,
+                           arguments: dict[str, Any] | None = None, *,
+                           timeout: float = 5.0, no_reply: bool = False) -> Any:
+    """One guest-agent command on a fresh connection, after a ``guest-sync`` so that a
+    stale reply from an earlier, timed-out call cannot be taken for this one.
+    ``no_reply``: the command answers nothing on success (guest-shutdown)."""
+    mon = Monitor(path, f"{name}/qga", guest_agent=True, timeout=timeout)
+    await mon.connect()
+    try:
+        token = int.from_bytes(os.urandom(4), "big") >> 1
+        got = await mon.execute("guest-sync", {"id": token}, timeout)
+        if got != token:
+            raise QMPFailure(f"{name}: guest agent out of sync")
+        if no_reply:
+            try:
+                await mon.execute(command, arguments, timeout)
+            except Timeout:
+                pass
+            return None
+        return await mon.execute(command, arguments, timeout)
+    finally:
+        await mon.close()

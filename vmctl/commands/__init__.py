@@ -1,0 +1,1 @@
+"""vmctl's commands, one module per noun; each has ``register(cli)``."""

@@ -1,0 +1,141 @@
+"""``vmctl create`` and ``vmctl push-config``: the VM spec options."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any, Callable
+
+import click
+
+from vmagent.spec import SEGMENTS
+
+from .. import keys
+from ..errors import CLIError
+from ..main import App, pass_app
+from ..progress import CREATE_PHASES, Progress, wait_ready
+from ..vmssh import try_login
+from .common import checked, complete_image, image_name, name_argument, size_arg, vm_name
+
+
+def spec_options(fn: Callable) -> Callable:
+    """The spec fields as options (shared by create and push-config)."""
+    options = [
+        click.option("--image", "-i", shell_complete=complete_image,
+                     help="Image to boot (default: the config's default_image, else the "
+                          "agent's default, debian-12)."),
+        click.option("--cpus", "-c", type=click.IntRange(1, 64), help="Virtual CPUs."),
+        click.option("--memory", "-m", metavar="SIZE", help="RAM, e.g. 2G or 512M."),
+        click.option("--disk", "-d", metavar="SIZE", help="Disk size, e.g. 20G (grows the "
+                     "image's disk; never smaller than the image)."),
+        click.option("--ssh-key", "ssh_keys", multiple=True, metavar="FILE",
+                     type=click.Path(dir_okay=False),
+                     help="Public key to put into the VM (repeatable). Default: the "
+                          "config's ssh_key, ~/.ssh/id_*.pub, or a key vmctl generates."),
+        click.option("--user-data", type=click.File("r"), metavar="FILE",
+                     help="Extra cloud-config (YAML) merged into the generated one "
+                          "('-' reads stdin)."),
+        click.option("--admin", "admins", multiple=True, metavar="USER",
+                     help="Admin user with sudo and the SSH keys (repeatable; the first "
+                          "is the SSH user). Default: dev."),
+        click.option("--segment", type=click.Choice(SEGMENTS),
+                     help="Hardware segment (dev, default, gpu-dev)."),
+        click.option("--cpu-guarantee", type=float, metavar="CORES",
+                     help="Guaranteed cores (at most 2 in dev segments)."),
+        click.option("--cpu-limit", type=float, metavar="CORES", help="CPU limit in cores."),
+        click.option("--ram-guarantee", metavar="SIZE", help="Guaranteed RAM."),
+        click.option("--ram-limit", metavar="SIZE", help="RAM limit."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def spec_params(app: App, kw: dict[str, Any], *, default_key: bool) -> dict[str, Any]:
+    """Request fields from the options (validated here where it is cheap to)."""
+    params: dict[str, Any] = {}
+    if kw.get("image"):
+        params["image"] = image_name(kw["image"])
+    if kw.get("cpus") is not None:
+        params["cpus"] = kw["cpus"]
+    for field in ("memory", "disk", "ram_guarantee", "ram_limit"):
+        if kw.get(field) is not None:
+            params[field] = size_arg(kw[field], field)
+    for field in ("cpu_guarantee", "cpu_limit", "segment"):
+        if kw.get(field) is not None:
+            params[field] = kw[field]
+    if kw.get("admins"):
+        params["admins"] = list(kw["admins"])
+    if kw.get("user_data") is not None:
+        params["user_data"] = kw["user_data"].read()
+    if kw.get("ssh_keys"):
+        params["ssh_keys"] = [keys.from_file(k).public_text() for k in kw["ssh_keys"]]
+    elif default_key:
+        pair = keys.default_key(app.config)
+        if pair is not None:
+            params["ssh_keys"] = [pair.public_text()]
+    return params
+
+
+def _print_dry_run(app: App, doc: dict) -> None:
+    argv = doc.get("argv") or []
+    lines = [shlex.quote(argv[0])] if argv else []
+    i = 1
+    while i < len(argv):      # one option and its value per line
+        if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            lines.append(f"{shlex.quote(argv[i])} {shlex.quote(argv[i + 1])}")
+            i += 2
+        else:
+            lines.append(shlex.quote(argv[i]))
+            i += 1
+    out = ["# qemu command line (dry run: nothing was started)", " \\\n    ".join(lines)]
+    for fname, text in (doc.get("seed") or {}).items():
+        out += ["", f"# seed: {fname}", text.rstrip("\n")]
+    click.echo("\n".join(out))
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @name_argument
+    @spec_options
+    @click.option("--host", "-H", "cmd_host", metavar="HOST",
+                  help="Agent to create the VM on (same as the global --host).")
+    @click.option("--dry-run", is_flag=True,
+                  help="Print the qemu command line and the seed files; start nothing.")
+    @click.option("--start/--no-start", default=True, help="Start the VM (default: yes).")
+    @click.option("--wait/--no-wait", default=True,
+                  help="Wait until SSH logs in (default: wait).")
+    @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
+                  help="Seconds to wait for SSH.")
+    @pass_app
+    def create(app: App, name: str, cmd_host: str | None, dry_run: bool, start: bool,
+               wait: bool, timeout: float, **kw: Any) -> None:
+        """Create a VM and (by default) wait until you can SSH into it."""
+        name = vm_name(name)
+        if cmd_host:
+            app.host = cmd_host
+        params = spec_params(app, kw, default_key=True)
+        if "image" not in params and app.config.default_image:
+            params["image"] = checked(image_name, app.config.default_image)
+        if dry_run:
+            doc = app.call("create", name=name, dry_run=True, **params)
+            app.out.emit(doc, lambda: _print_dry_run(app, doc),
+                         quiet=shlex.join(doc.get("argv") or []))
+            return
+        progress = Progress(name, enabled=not app.quiet)
+        with progress:
+            status = app.call("create", name=name, start=start, **params)
+            if start:
+                progress.reach(*CREATE_PHASES)
+            if start and wait:
+                try:
+                    status = wait_ready(
+                        app.call, name, progress, timeout=timeout,
+                        login=lambda st: try_login(app.target, st, app.config))
+                except CLIError as exc:
+                    if exc.code == "timeout":
+                        exc.message += (f"; the VM is still there: see 'vmctl console {name} "
+                                        f"--log', or 'vmctl delete {name}'")
+                    raise
+        human = (f"VM [bold]{name}[/] is ready: [bold]vmctl ssh {name}[/]" if start and wait
+                 else f"VM [bold]{name}[/] created ({status.get('state')})")
+        app.out.emit(status, human, quiet=name)

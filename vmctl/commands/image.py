@@ -1,0 +1,90 @@
+"""``vmctl image list | import | pull | rm``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import output
+from ..errors import CLIError
+from ..main import App, pass_app
+from .common import complete_image, confirm, image_name
+
+
+def _image_line(img: dict) -> str:
+    return (f"image {img.get('name')}: {img.get('format')}, "
+            f"{output.size(img.get('virtual_size'))}, boot {img.get('boot')}")
+
+
+def _agent_path(app: App, path: str | None, what: str) -> str | None:
+    """Paths name files on the agent's host: absolute for a local agent; a remote agent
+    needs an absolute path on its host."""
+    if path is None:
+        return None
+    if app.client.is_local:
+        return os.path.abspath(os.path.expanduser(path))
+    if not path.startswith("/"):
+        raise CLIError(f"{what}: give an absolute path on the agent's host "
+                       f"({app.target.label}), not {path!r}", "bad_request")
+    return path
+
+
+def register(cli: click.Group) -> None:
+    @cli.group()
+    def image() -> None:
+        """Images: list, import, pull, remove."""
+
+    @image.command("list")
+    @pass_app
+    def list_(app: App) -> None:
+        """Images in the agent's store and in its catalog (pullable)."""
+        doc = app.call("image_list")
+        app.out.emit(doc, output.image_table(doc.get("images", []), doc.get("catalog", [])),
+                     quiet="\n".join(i["name"] for i in doc.get("images", [])) or None)
+
+    @image.command("import")
+    @click.argument("file")
+    @click.option("--name", "-n", required=True, help="Name of the image in the store.")
+    @click.option("--kernel", metavar="FILE", help="Boot this kernel directly.")
+    @click.option("--initrd", metavar="FILE", help="Initrd for --kernel.")
+    @click.option("--append", metavar="ARGS", help="Kernel command line for --kernel.")
+    @click.option("--sha256", metavar="HEX", help="Expected SHA-256 of FILE.")
+    @click.option("--description", metavar="TEXT")
+    @pass_app
+    def import_(app: App, file: str, name: str, kernel: str | None, initrd: str | None,
+                append: str | None, sha256: str | None, description: str | None) -> None:
+        """Import a qcow2/raw disk FILE (a path on the agent's host) into the store."""
+        if initrd and not kernel:
+            raise click.UsageError("--initrd needs --kernel")
+        if append and not kernel:
+            raise click.UsageError("--append needs --kernel")
+        doc = app.call("image_import", image=image_name(name),
+                       path=_agent_path(app, file, "FILE"),
+                       kernel=_agent_path(app, kernel, "--kernel"),
+                       initrd=_agent_path(app, initrd, "--initrd"), append=append,
+                       sha256=sha256, description=description)
+        app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
+
+    @image.command()
+    @click.argument("name", shell_complete=complete_image)
+    @click.option("--url", help="Download from this URL instead of the catalog.")
+    @click.option("--sha256", metavar="HEX", help="Expected SHA-256 (required with --url).")
+    @pass_app
+    def pull(app: App, name: str, url: str | None, sha256: str | None) -> None:
+        """Download a catalog image (or --url) into the store, verifying its digest."""
+        if url and not sha256:
+            raise click.UsageError("--url needs --sha256")
+        app.out.info(f"pulling {name} (this can take a while)...")
+        doc = app.call("image_pull", image=image_name(name), url=url, sha256=sha256)
+        app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
+
+    @image.command("rm")
+    @click.argument("name", shell_complete=complete_image)
+    @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+    @pass_app
+    def rm(app: App, name: str, yes: bool) -> None:
+        """Remove an image that no VM uses."""
+        confirm(f"Remove image {name!r}?", yes)
+        doc = app.call("image_remove", image=image_name(name))
+        app.out.emit(doc, f"removed image {name}")

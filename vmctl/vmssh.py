@@ -1,0 +1,118 @@
+"""Logging into a VM with the system ``ssh``.
+
+A VM's SSH port is forwarded on the agent's host. With a local agent, ``ssh`` connects to
+``ssh_host:ssh_port`` directly; with a remote one it goes through
+``ProxyCommand=vmctl --host X proxy NAME`` (the agent's ``tunnel`` websocket).
+
+Host keys: each VM *instance* is trusted on first use. vmctl keeps its own known_hosts
+file (``~/.config/vmctl/known_hosts``) and names the key with
+``HostKeyAlias=vmctl.<host>.<vm>.<created>``: the alias is new for a re-created VM of the
+same name (which has new host keys, so no "host key changed" error), and stays the same
+across reboots of one instance (so a changed key there is a real warning).
+``/dev/null`` as the known_hosts file would be simpler but would never notice a change.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from . import config as config_mod, keys
+from .address import Target
+
+
+def known_hosts_file() -> Path:
+    return config_mod.config_dir() / "known_hosts"
+
+
+def host_key_alias(target: Target, status: dict) -> str:
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", target.label or "local").strip("-") or "local"
+    created = re.sub(r"\D", "", str(status.get("created") or ""))
+    return f"vmctl.{host}.{status['name']}" + (f".{created}" if created else "")
+
+
+def proxy_command(target: Target, name: str) -> list[str]:
+    host = target.label if target.source != "default" else str(target.address)
+    return [sys.executable, "-m", "vmctl", "--host", host, "proxy", name]
+
+
+def ssh_options(target: Target, status: dict, cfg: config_mod.Config | None) -> dict[str, str]:
+    """OpenSSH options (``-o KEY=VALUE``) for reaching the VM of ``status``."""
+    known = known_hosts_file()
+    known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    opts = {
+        "User": status.get("ssh_user") or "dev",
+        "HostKeyAlias": host_key_alias(target, status),
+        "UserKnownHostsFile": str(known),
+        "StrictHostKeyChecking": "accept-new",
+        "LogLevel": "ERROR",
+    }
+    if target.address.is_local:
+        opts["HostName"] = status.get("ssh_host") or "127.0.0.1"
+        opts["Port"] = str(status.get("ssh_port"))
+    else:
+        opts["HostName"] = status["name"]
+        opts["ProxyCommand"] = shlex.join(proxy_command(target, status["name"]))
+    identities = keys.identity_files(cfg)
+    if identities:
+        opts["IdentityFile"] = str(identities[0])
+    return opts
+
+
+def ssh_argv(target: Target, status: dict, cfg: config_mod.Config | None,
+             command: list[str] | None = None, *, batch: bool = False,
+             tty: bool | None = None) -> list[str]:
+    opts = ssh_options(target, status, cfg)
+    argv = ["ssh"]
+    for key in ("User", "Port", "HostKeyAlias", "UserKnownHostsFile",
+                "StrictHostKeyChecking", "LogLevel", "ProxyCommand"):
+        if key in opts:
+            argv += ["-o", f"{key}={opts[key]}"]
+    for identity in keys.identity_files(cfg):
+        argv += ["-i", str(identity)]
+    if batch:
+        argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    if tty is True:
+        argv.append("-t")
+    elif tty is False:
+        argv.append("-T")
+    argv += ["--", opts["HostName"], *(command or [])]
+    return argv
+
+
+def config_block(target: Target, status: dict, cfg: config_mod.Config | None,
+                 alias: str | None = None) -> str:
+    opts = ssh_options(target, status, cfg)
+    lines = [f"Host {alias or status['name']}"]
+    for key in ("HostName", "Port", "User", "IdentityFile", "HostKeyAlias",
+                "UserKnownHostsFile", "StrictHostKeyChecking", "LogLevel", "ProxyCommand"):
+        if key in opts:
+            value = opts[key]
+            lines.append(f"    {key} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def try_login(target: Target, status: dict, cfg: config_mod.Config | None,
+              timeout: float = 30.0) -> tuple[bool, str]:
+    """Run ``ssh ... true`` once: (logged in, last stderr line)."""
+    argv = ssh_argv(target, status, cfg, ["true"], batch=True)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"ssh did not finish within {timeout:g}s"
+    except FileNotFoundError:
+        return False, "the ssh client is not installed"
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 0, lines[-1] if lines else f"ssh exited {proc.returncode}"
+
+
+def forget(target: Target, status: dict) -> None:
+    """Drop the VM instance's host key from vmctl's known_hosts (after delete)."""
+    known = known_hosts_file()
+    if known.is_file():
+        subprocess.run(["ssh-keygen", "-R", host_key_alias(target, status), "-f", str(known)],
+                       capture_output=True, stdin=subprocess.DEVNULL)
