@@ -81,7 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
                                "(at least 16 characters)")
     catalog = Catalog.load(args.catalog or default_catalog_dir())
     manager = Manager(Settings(state_dir=state_dir, catalog=catalog, defaults=Defaults(),
-                               qemu_binary=args.qemu))
+                               qemu_binary=args.qemu, accel_override=args.accel))
     await manager.adopt()
     kernels = [Path(k) for k in args.probe_kernel] + [
         i.kernel for i in manager.images.list() if i.kernel]

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 from . import __version__, disks, seed
 from . import argv as qargv
-from .accel import AccelChoice, qemu_version
+from .accel import AccelChoice, choose, qemu_version
 from .catalog import Catalog
 from .errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailure
 from .images import Image, ImageStore
@@ -49,6 +49,7 @@ class Settings:
     shutdown_timeout: float = 60.0
     reboot_timeout: float = 60.0
     sandbox: bool = True
+    accel_override: str | None = None  # "kvm"/"tcg": skip the probe
 
 
 class Manager:
@@ -254,9 +255,15 @@ class Manager:
         self.store.save_spec(vm.rec)
         if rt.state == State.RUNNING:
             rt.config_pending = True
-            await vm.qmp("blockdev-change-medium", {
-                "id": qargv.SEED_DEVICE, "filename": str(vm.run_dir / qargv.SEED),
-                "format": "raw", "read-only-mode": "read-only"})
+            # the guest locks the tray of a mounted CD: force the swap, so that a guest
+            # reboot (not only a cold start) sees the new seed
+            try:
+                await vm.qmp("blockdev-change-medium", {
+                    "id": qargv.SEED_DEVICE, "filename": str(vm.run_dir / qargv.SEED),
+                    "format": "raw", "read-only-mode": "read-only", "force": True})
+            except VMAgentError as e:
+                log.warning("%s: seed swap failed (%s); the new config is used at the "
+                            "next start", name, e)
         self.store.save_state(vm.rec)
         return vm_status(vm)
 
@@ -423,7 +430,13 @@ class Manager:
         if not image or not path:
             raise BadRequest("image (a name) and path (a file on the agent's host) are "
                              "required")
-        return (await self.images.import_file(image, path, **kw)).to_json()
+        img = await self.images.import_file(image, path, **kw)
+        if (img.kernel and self.accel and not self.accel.probed
+                and not self.settings.accel_override):
+            # the first kernel on this host: now KVM can be verified
+            self.accel = await choose(self.settings.state_dir, [img.kernel],
+                                      binary=self.settings.qemu_binary)
+        return img.to_json()
 
     async def op_image_pull(self, image: str, url: Any = None, sha256: Any = None) -> dict:
         return (await self.images.pull(image, url=url, sha256=sha256)).to_json()

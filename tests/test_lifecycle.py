@@ -1,0 +1,147 @@
+"""A real guest under TCG, driven through the agent's HTTP API.
+
+One VM is booted for the whole module and walked through its life in order (the tests
+depend on each other's order, as the boots are what costs time): login, snapshot,
+reboot, shutdown/start, agent SIGKILL and re-adoption, push_config, delete.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from agent_helpers import AgentProcess, keypair, require_test_image, ssh_retry
+
+pytestmark = pytest.mark.integration
+
+NAME = "life1"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    require_test_image()
+    base = tmp_path_factory.mktemp("life")
+    agent = AgentProcess(base / "state").start()
+    agent.import_test_image()
+    key = keypair(base)
+    user_data = "write_files:\n  - path: /etc/vmctl-test\n    content: from-user-data\n"
+    st = agent.ok("POST", "/vms", {"name": NAME, "image": "test", "memory": "1G",
+                                   "cpus": 2, "disk": "4G",
+                                   "ssh_keys": [key.with_suffix(".pub").read_text()],
+                                   "user_data": user_data})
+    state = {"agent": agent, "key": key, "base": base, "created": st,
+             "t0": time.monotonic()}
+    yield state
+    state["agent"].stop()
+    subprocess.run(["pkill", "-9", "-f", str(base)], check=False)
+
+
+def login(env, *cmd: str) -> subprocess.CompletedProcess:
+    st = env["agent"].wait_ready(NAME)
+    return ssh_retry(st["ssh_port"], env["key"], *cmd)
+
+
+def test_created_running_with_reported_fields(env):
+    st = env["created"]
+    assert st["state"] == "running"
+    assert st["accel"] == "tcg"
+    assert isinstance(st["pid"], int) and st["pid"] > 1
+    assert 20000 <= st["ssh_port"] < 30000
+    run = env["agent"].state_dir / "vms" / NAME
+    for f in ("argv.json", "spec.json", "state.json", "disk.qcow2", "seed.iso",
+              "qemu.pid", "qmp.sock", "console.sock", "qga.sock", "vnc.sock"):
+        assert (run / f).exists(), f
+
+
+def test_ssh_login_runs_command_with_injected_key(env):
+    res = login(env, "sudo -n cat /etc/vmctl-test; echo; hostname")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["from-user-data", NAME]
+    print(f"boot to SSH through the agent: {time.monotonic() - env['t0']:.1f}s")
+
+
+def test_cloud_init_reported_done(env):
+    deadline = time.monotonic() + 120
+    while (st := env["agent"].ok("GET", f"/vms/{NAME}"))["cloud_init"] != "done":
+        assert time.monotonic() < deadline, st
+        time.sleep(1)
+    assert st["boot"]["kernel"] is True
+
+
+def test_snapshot_while_running(env):
+    agent = env["agent"]
+    doc = agent.ok("POST", f"/vms/{NAME}/snapshots", {"snapshot": "before-reboot"})
+    assert doc["snapshot"]["name"] == "before-reboot"
+    assert doc["snapshot"]["vm_state_size"] > 0          # RAM was saved: a live snapshot
+    assert doc["state"] == "running"
+    names = [s["name"] for s in agent.ok("GET", f"/vms/{NAME}/snapshots")["snapshots"]]
+    assert names == ["before-reboot"]
+    status, err = agent.call("POST", f"/vms/{NAME}/snapshots", {"snapshot": "before-reboot"})
+    assert status == 409 and err["error"] == "conflict"
+    assert login(env, "true").returncode == 0             # the guest kept running
+
+
+def test_reboot_and_login_again(env):
+    agent = env["agent"]
+    boot_id = login(env, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    doc = agent.ok("POST", f"/vms/{NAME}/reboot", {"timeout": 60})
+    assert doc["method"] in ("guest-agent", "acpi")
+    res = login(env, "cat /proc/sys/kernel/random/boot_id")
+    assert res.returncode == 0 and res.stdout.strip() != boot_id
+
+
+def test_shutdown_then_start_and_login(env):
+    agent = env["agent"]
+    login(env, "true")
+    time.sleep(5)   # let the guest agent come up after sshd
+    doc = agent.ok("POST", f"/vms/{NAME}/shutdown", {"timeout": 120})
+    assert doc["state"] == "stopped" and doc["pid"] is None
+    assert doc["reason"] is None, doc["reason"]            # a clean shutdown, not forced
+    status, err = agent.call("POST", f"/vms/{NAME}/shutdown")
+    assert status == 409
+    doc = agent.ok("POST", f"/vms/{NAME}/start")
+    assert doc["state"] == "running"
+    res = login(env, "sudo -n cat /etc/vmctl-test")
+    assert res.returncode == 0 and res.stdout.strip() == "from-user-data"
+
+
+def test_agent_sigkill_then_restart_readopts_running_vm(env):
+    agent = env["agent"]
+    before = agent.ok("GET", f"/vms/{NAME}")
+    agent.stop(signal.SIGKILL)
+    # the VM outlives its agent
+    assert subprocess.run(["kill", "-0", str(before["pid"])]).returncode == 0
+    agent = env["agent"] = AgentProcess(agent.state_dir).start()
+    after = agent.ok("GET", f"/vms/{NAME}")
+    assert after["state"] == "running"
+    assert after["pid"] == before["pid"] and after["ssh_port"] == before["ssh_port"]
+    res = login(env, "uptime")
+    assert res.returncode == 0, res.stderr
+    # QMP was reconnected: a QMP-driven operation works on the adopted VM
+    assert agent.ok("GET", f"/vms/{NAME}/snapshots")["snapshots"]
+
+
+def test_push_config_applies_at_next_boot(env):
+    agent = env["agent"]
+    doc = agent.ok("POST", f"/vms/{NAME}/config",
+                   {"user_data": "write_files:\n  - path: /etc/vmctl-test\n"
+                                 "    content: pushed\n"})
+    assert doc["config_pending"] is True
+    agent.ok("POST", f"/vms/{NAME}/hard_reset")
+    res = login(env, "sudo -n cat /etc/vmctl-test")
+    assert res.returncode == 0 and res.stdout.strip() == "pushed"
+    assert agent.ok("GET", f"/vms/{NAME}")["config_pending"] is False
+
+
+def test_poweroff_and_delete_leave_nothing(env):
+    agent = env["agent"]
+    pid = agent.ok("GET", f"/vms/{NAME}")["pid"]
+    assert agent.ok("POST", f"/vms/{NAME}/poweroff")["state"] == "stopped"
+    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+    assert agent.ok("DELETE", f"/vms/{NAME}") == {"deleted": NAME}
+    assert agent.call("GET", f"/vms/{NAME}")[0] == 404
+    assert list((agent.state_dir / "vms").iterdir()) == []
+    assert agent.ok("GET", "/vms") == {"vms": []}
