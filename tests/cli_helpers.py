@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -159,3 +160,70 @@ def check_golden(name: str, text: str) -> None:
         if not os.environ.get("VMCTL_UPDATE_GOLDEN"):
             pytest.fail(f"golden file {path} was missing and has been written; check it in")
     assert text == path.read_text(), f"differs from {path} (VMCTL_UPDATE_GOLDEN=1 rewrites)"
+
+
+# --- a private sshd on localhost ----------------------------------------------------
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                   check=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """sshd on 127.0.0.1:PORT with a temp host key; ``client_key`` may log in as root."""
+    d = tmp_path_factory.mktemp("sshd")
+    host_pub = _keygen(d / "host_key")
+    client_pub = _keygen(d / "client_key")
+    (d / "authorized_keys").write_text(client_pub + "\n")
+    port = free_port()
+    (d / "sshd_config").write_text(f"""
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d / 'host_key'}
+PidFile none
+AuthorizedKeysFile {d / 'authorized_keys'}
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowStreamLocalForwarding yes
+AllowTcpForwarding yes
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)      # privilege separation directory
+    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(d / "sshd_config")],
+                            stderr=open(d / "sshd.log", "wb"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+    yield {"port": port, "dir": d, "host_pub": host_pub}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def ssh_home(home, sshd):
+    """HOME with the client key and the sshd's host key in known_hosts."""
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(mode=0o700)
+    shutil.copy(sshd["dir"] / "client_key", ssh_dir / "id_ed25519")
+    shutil.copy(sshd["dir"] / "client_key.pub", ssh_dir / "id_ed25519.pub")
+    kind, key = sshd["host_pub"].split()[:2]
+    (ssh_dir / "known_hosts").write_text(f"[127.0.0.1]:{sshd['port']} {kind} {key}\n")
+    return home
+
+
+def ssh_address(sshd, agent: Agent) -> str:
+    return f"ssh://root@127.0.0.1:{sshd['port']}{agent.socket}"

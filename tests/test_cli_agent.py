@@ -125,6 +125,9 @@ def test_lifecycle_without_booting(local, home):
         assert local("-q", "show", name).stdout == "stopped\n"
         wrong = local("poweroff", name)
         assert wrong.exit_code == 4, wrong.stderr
+        for cmd in ("stop", "reboot"):              # "timeout" is an operation parameter
+            wrong = local(cmd, name, "--timeout", "5")
+            assert wrong.exit_code == 4 and "stopped" in wrong.stderr, wrong.stderr
         started = local("--json", "start", name)
         assert started.exit_code == 0, started.stderr
         assert json.loads(started.stdout)["state"] == "running"

@@ -108,3 +108,9 @@ def test_bad_address_is_a_one_line_error(clean_env):
 def test_version(clean_env):
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and re.fullmatch(r"vmctl \d+\.\d+\.\d+\n", result.stdout)
+
+
+def test_timeout_is_an_operation_parameter(tmp_path):
+    client = AgentClient(Target(Address("unix", path=str(tmp_path / "none.sock"))))
+    with pytest.raises(errors.Unreachable):
+        client.call("shutdown", name="a", timeout=5)

@@ -5,87 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-from cli_helpers import (GOLDEN_KEY, agent, ensure_test_image, free_port, home,  # noqa: F401
-                         local, run)
+from cli_helpers import (SSHD, _keygen, agent, ensure_test_image, home, local,  # noqa: F401
+                         run, ssh_address, ssh_home, sshd)
 from vmctl.address import parse_address, Target
 from vmctl.client import AgentClient
 
-SSHD = Path("/usr/sbin/sshd")
 pytestmark = pytest.mark.skipif(not SSHD.exists() or not shutil.which("ssh-keygen"),
                                 reason="needs openssh-server")
 
 
-def _keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                   check=True)
-    return path.with_suffix(".pub").read_text().strip()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """sshd on 127.0.0.1:PORT with a temp host key; ``client_key`` may log in as root."""
-    d = tmp_path_factory.mktemp("sshd")
-    host_pub = _keygen(d / "host_key")
-    client_pub = _keygen(d / "client_key")
-    (d / "authorized_keys").write_text(client_pub + "\n")
-    port = free_port()
-    (d / "sshd_config").write_text(f"""
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {d / 'host_key'}
-PidFile none
-AuthorizedKeysFile {d / 'authorized_keys'}
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowStreamLocalForwarding yes
-AllowTcpForwarding yes
-""")
-    Path("/run/sshd").mkdir(exist_ok=True)      # privilege separation directory
-    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(d / "sshd_config")],
-                            stderr=open(d / "sshd.log", "wb"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
-    yield {"port": port, "dir": d, "host_pub": host_pub}
-    proc.terminate()
-    proc.wait(10)
-
-
-@pytest.fixture
-def ssh_home(home, sshd):
-    """HOME with the client key and the sshd's host key in known_hosts."""
-    ssh_dir = home / ".ssh"
-    ssh_dir.mkdir(mode=0o700)
-    shutil.copy(sshd["dir"] / "client_key", ssh_dir / "id_ed25519")
-    shutil.copy(sshd["dir"] / "client_key.pub", ssh_dir / "id_ed25519.pub")
-    kind, key = sshd["host_pub"].split()[:2]
-    (ssh_dir / "known_hosts").write_text(f"[127.0.0.1]:{sshd['port']} {kind} {key}\n")
-    return home
-
-
-def _address(sshd, agent) -> str:
-    return f"ssh://root@127.0.0.1:{sshd['port']}{agent.socket}"
-
-
 def test_host_show_over_ssh(run, agent, sshd, ssh_home):
-    result = run("--json", "--host", _address(sshd, agent), "host", "show")
+    result = run("--json", "--host", ssh_address(sshd, agent), "host", "show")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["state_dir"] == str(agent.state_dir)
 
@@ -94,7 +27,7 @@ def test_dry_run_over_ssh_matches_local(run, local, agent, sshd, ssh_home):
     ensure_test_image(local)
     args = ["--json", "create", "over-ssh", "--image", "test", "--ssh-key",
             ssh_home / ".ssh" / "id_ed25519.pub", "--dry-run"]
-    remote = run("--host", _address(sshd, agent), *args)
+    remote = run("--host", ssh_address(sshd, agent), *args)
     assert remote.exit_code == 0, remote.stderr
     doc = json.loads(remote.stdout)
     assert doc["dry_run"] and doc["spec"]["name"] == "over-ssh"
@@ -110,7 +43,7 @@ def test_agent_tcp_port_over_ssh_with_token(run, agent, sshd, ssh_home, monkeypa
 
 def test_unknown_host_key_is_refused(run, agent, sshd, ssh_home):
     (ssh_home / ".ssh" / "known_hosts").write_text("")
-    result = run("--host", _address(sshd, agent), "list")
+    result = run("--host", ssh_address(sshd, agent), "list")
     assert result.exit_code == 6
     assert "not in known_hosts" in result.stderr
 
@@ -119,7 +52,7 @@ def test_wrong_host_key_is_refused(run, agent, sshd, ssh_home, tmp_path):
     other = _keygen(tmp_path / "other")
     kind, key = other.split()[:2]
     (ssh_home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd['port']} {kind} {key}\n")
-    result = run("--host", _address(sshd, agent), "list")
+    result = run("--host", ssh_address(sshd, agent), "list")
     assert result.exit_code == 6 and "does not match" in result.stderr
 
 
@@ -138,10 +71,10 @@ def test_ssh_config_uses_the_proxy_for_a_remote_agent(local, run, agent, sshd, s
     ensure_test_image(local)
     assert local("create", "proxy0", "--image", "test", "--no-start").exit_code == 0
     try:
-        result = run("--host", _address(sshd, agent), "ssh-config", "proxy0")
+        result = run("--host", ssh_address(sshd, agent), "ssh-config", "proxy0")
         assert result.exit_code == 0, result.stderr
         assert "ProxyCommand " in result.stdout
-        assert f"--host {_address(sshd, agent)} proxy proxy0" in result.stdout
+        assert f"--host {ssh_address(sshd, agent)} proxy proxy0" in result.stdout
         assert "HostName proxy0" in result.stdout
     finally:
         local("delete", "proxy0", "--yes")
@@ -154,7 +87,7 @@ def test_console_websocket_over_ssh(local, agent, sshd, ssh_home):
                  "--no-start").exit_code == 0
     try:
         assert local("start", "ws0").exit_code == 0
-        client = AgentClient(Target(parse_address(_address(sshd, agent))))
+        client = AgentClient(Target(parse_address(ssh_address(sshd, agent))))
 
         async def first_bytes() -> bytes:
             session, ws = await client.websocket("console", name="ws0")

@@ -23,7 +23,7 @@ DEFAULT_TIMEOUT = 60.0
 # operations that may take long on the agent (image copies, qemu start, shutdown waits)
 LONG_OPS = {"create": 900.0, "image_import": 1800.0, "image_pull": 3600.0,
             "delete": 300.0, "snapshot": 600.0, "push_config": 300.0, "start": 300.0,
-            "hard_reset": 300.0}
+            "hard_reset": 300.0, "shutdown": 300.0, "reboot": 300.0, "poweroff": 120.0}
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -110,10 +110,11 @@ class AgentClient:
             body = json.dumps(rest).encode()
         return op.method, path, body
 
-    def call(self, op_name: str, *, timeout: float | None = None, **params: Any) -> dict:
-        """Run one operation; raise :class:`AgentError` with the agent's code on failure."""
+    def call(self, op_name: str, *, call_timeout: float | None = None, **params: Any) -> dict:
+        """Run one operation; raise :class:`AgentError` with the agent's code on failure.
+        ``call_timeout`` bounds the HTTP exchange (``timeout`` is an operation parameter)."""
         method, path, body = self.request_for(op_name, params)
-        timeout = timeout or self.timeout or LONG_OPS.get(op_name, DEFAULT_TIMEOUT)
+        timeout = call_timeout or self.timeout or LONG_OPS.get(op_name, DEFAULT_TIMEOUT)
         headers = self.headers()
         if body is not None:
             headers["Content-Type"] = "application/json"

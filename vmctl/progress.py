@@ -2,7 +2,8 @@
 
 Milestones: image ready, disk, seed, qemu started (done when ``create`` returns), kernel
 booting (``status.boot.kernel``), cloud-init running (``status.cloud_init``), SSH ready
-(``status.ssh_ready`` and then a real ``ssh ... true`` logs in). Each shows the elapsed
+(``status.ssh_ready``, cloud-init no longer running, and then a real ``ssh ... true``
+logs in). Each shows the elapsed
 time at which it was reached; while waiting, the last console line is shown so a slow
 boot is never silent. On a terminal the display is a rich Live on stderr; otherwise one
 line per milestone on stderr; nothing with ``--quiet``.
@@ -139,7 +140,13 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
             progress.console_line(log.get("data") or "")
         except CLIError:
             pass
-        if status.get("ssh_ready"):
+        # cloud-init restarts sshd while it configures the guest (e.g. ssh_pwauth): a
+        # login that works while it runs may fail a moment later, so ready means SSH
+        # answers *and* cloud-init finished (or is not seen at all, for images without it)
+        settling = status.get("cloud_init") == "running"
+        if status.get("ssh_ready") and settling:
+            progress.set_note("SSH answers; cloud-init is still running")
+        elif status.get("ssh_ready"):
             if login is None:
                 progress.reach("kernel", "ssh")
                 return status
@@ -154,6 +161,8 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
         if time.monotonic() >= deadline:
             missing = [label for key, label in PHASES if key not in progress.reached]
             detail = f"; last ssh error: {last_login}" if last_login else ""
+            if settling:
+                detail += "; cloud-init is still running"
             raise WaitTimeout(f"VM {name!r} was not ready within {timeout:g}s (waiting for: "
                               f"{missing[0] if missing else 'SSH'}){detail}")
         time.sleep(poll)

@@ -10,8 +10,6 @@ import termios
 import tty
 from typing import Any
 
-import aiohttp
-
 DETACH = b"\x1d"          # Ctrl-]
 
 
@@ -23,6 +21,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 async def _ws_to_fd(ws: Any, fd: int) -> None:
+    import aiohttp    # late: importing aiohttp costs more than the rest of vmctl
     async for msg in ws:
         if msg.type == aiohttp.WSMsgType.BINARY:
             _write_all(fd, msg.data)

@@ -10,12 +10,19 @@ file (``~/.config/vmctl/known_hosts``) and names the key with
 same name (which has new host keys, so no "host key changed" error), and stays the same
 across reboots of one instance (so a changed key there is a real warning).
 ``/dev/null`` as the known_hosts file would be simpler but would never notice a change.
+
+Better than trusting the first connection: cloud-init prints the VM's public host keys on
+the serial console at first boot (``BEGIN SSH HOST KEY KEYS``), which the agent keeps in
+the console log. Before the first login vmctl reads them from there (an authenticated
+channel to the agent) and pins them under the alias, so even the first connection is
+verified; trust on first use remains only for images that do not print their keys.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from typing import Any, Callable
 import subprocess
 import sys
 from pathlib import Path
@@ -95,9 +102,59 @@ def config_block(target: Target, status: dict, cfg: config_mod.Config | None,
     return "\n".join(lines) + "\n"
 
 
+_KEY_BLOCK = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----",
+                        re.S)
+_KEY_LINE = re.compile(r"^(ssh-ed25519|ssh-rsa|ssh-dss|ecdsa-sha2-nistp\d+) ([A-Za-z0-9+/=]+)")
+
+
+def host_keys_from_console(text: str) -> list[str]:
+    """``TYPE BASE64`` lines of the last host key block cloud-init printed."""
+    blocks = _KEY_BLOCK.findall(text)
+    if not blocks:
+        return []
+    keys = []
+    for line in blocks[-1].splitlines():
+        m = _KEY_LINE.match(line.strip())
+        if m:
+            keys.append(f"{m.group(1)} {m.group(2)}")
+    return keys
+
+
+def _known(alias: str, known: Path) -> bool:
+    if not known.is_file():
+        return False
+    proc = subprocess.run(["ssh-keygen", "-F", alias, "-f", str(known)], capture_output=True,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+def pin_host_keys(call: Callable[..., Any], target: Target, status: dict) -> bool:
+    """Put the VM's host keys from its console log into vmctl's known_hosts (once).
+    True when the alias has keys now."""
+    alias = host_key_alias(target, status)
+    known = known_hosts_file()
+    if _known(alias, known):
+        return True
+    try:
+        log = call("console_log", name=status["name"], offset=0)
+    except Exception:
+        return False
+    keys = host_keys_from_console(log.get("data") or "")
+    if not keys:
+        return False
+    known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(known, "a") as f:
+        for key in keys:
+            f.write(f"{alias} {key}\n")
+    return True
+
+
 def try_login(target: Target, status: dict, cfg: config_mod.Config | None,
-              timeout: float = 30.0) -> tuple[bool, str]:
+              timeout: float = 30.0, call: Callable[..., Any] | None = None
+              ) -> tuple[bool, str]:
     """Run ``ssh ... true`` once: (logged in, last stderr line)."""
+    if call is not None:
+        pin_host_keys(call, target, status)
     argv = ssh_argv(target, status, cfg, ["true"], batch=True)
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,

@@ -130,7 +130,8 @@ def register(cli: click.Group) -> None:
                 try:
                     status = wait_ready(
                         app.call, name, progress, timeout=timeout,
-                        login=lambda st: try_login(app.target, st, app.config))
+                        login=lambda st: try_login(app.target, st, app.config,
+                                                   call=app.call))
                 except CLIError as exc:
                     if exc.code == "timeout":
                         exc.message += (f"; the VM is still there: see 'vmctl console {name} "

@@ -47,6 +47,7 @@ def register(cli: click.Group) -> None:
         if command[:1] == ("--",):
             command = command[1:]
         status = _running(app, name)
+        vmssh.pin_host_keys(app.call, app.target, status)
         argv = vmssh.ssh_argv(app.target, status, app.config, list(command) or None, tty=tty)
         if print_only:
             app.out.emit({"argv": argv}, " ".join(_quote(a) for a in argv),

@@ -28,7 +28,7 @@ def _lifecycle(cli: click.Group, command: str, op: str, help_text: str,
         if timeout is not None:
             params["timeout"] = timeout
             call_timeout = timeout + 60
-        status = app.client.call(op, timeout=call_timeout, **params)
+        status = app.client.call(op, call_timeout=call_timeout, **params)
         app.out.emit(status, _state_line(status))
 
     if timeout_help:
@@ -138,7 +138,8 @@ def register(cli: click.Group) -> None:
     def wait(app: App, name: str, timeout: float, login: bool) -> None:
         """Wait until a VM is ready: SSH answers and logs in."""
         name = vm_name(name)
-        check = (lambda st: vmssh.try_login(app.target, st, app.config)) if login else None
+        check = ((lambda st: vmssh.try_login(app.target, st, app.config, call=app.call))
+                 if login else None)
         with Progress(name, enabled=not app.quiet) as progress:
             status = wait_ready(app.call, name, progress, timeout=timeout, login=check)
         app.out.emit(status, f"{name} is ready")
