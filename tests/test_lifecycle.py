@@ -130,10 +130,19 @@ def test_push_config_applies_at_next_boot(env):
                    {"user_data": "write_files:\n  - path: /etc/vmctl-test\n"
                                  "    content: pushed\n"})
     assert doc["config_pending"] is True
-    agent.ok("POST", f"/vms/{NAME}/hard_reset")
+    assert "pushed" in agent.ok("GET", f"/vms/{NAME}")["spec"]["user_data"]
+    agent.ok("POST", f"/vms/{NAME}/reboot", {"timeout": 60})
     res = login(env, "sudo -n cat /etc/vmctl-test")
     assert res.returncode == 0 and res.stdout.strip() == "pushed"
     assert agent.ok("GET", f"/vms/{NAME}")["config_pending"] is False
+
+
+def test_hard_reset_starts_a_new_qemu(env):
+    agent = env["agent"]
+    old = agent.ok("GET", f"/vms/{NAME}")["pid"]
+    doc = agent.ok("POST", f"/vms/{NAME}/hard_reset")
+    assert doc["state"] == "running" and doc["pid"] != old
+    assert login(env, "true").returncode == 0
 
 
 def test_poweroff_and_delete_leave_nothing(env):

@@ -29,17 +29,39 @@ def read_cmdline(pid: int) -> list[str]:
     return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
 
 
-def _is_zombie(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], starttime [19])."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def _is_zombie(pid: int) -> bool:
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] == "Z"
+
+
+def _running(pid: int, starttime: str) -> bool:
+    """The process that had this pid and start time still has a live thread. (A killed
+    multi-threaded process shows its leader as a zombie while its other threads still
+    exit, holding its files and the disk image locks.)"""
+    fields = _proc_stat(pid)
+    if fields is None or fields[19] != starttime:
+        return False
+    if fields[0] != "Z":
         return True
-    return stat[stat.rfind(")") + 2:].startswith("Z")
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 class Machine:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
+        self._seen: tuple[int, str] | None = None   # (pid, starttime) of our qemu
 
     @property
     def pidfile(self) -> Path:
@@ -55,6 +77,9 @@ class Machine:
             return None
         if not qargv.owns_cmdline(read_cmdline(pid), self.run_dir):
             return None
+        fields = _proc_stat(pid)
+        if fields is not None:
+            self._seen = (pid, fields[19])
         return pid
 
     def alive(self) -> bool:
@@ -101,12 +126,16 @@ class Machine:
         return True
 
     async def wait_gone(self, timeout: float) -> bool:
-        """Wait until qemu has exited; True if it did within ``timeout``."""
+        """Wait until qemu has exited; True if it did within ``timeout``. The process
+        last seen as ours is followed by pid and start time until it is gone or a
+        zombie: an exiting process loses its command line before it closes its files
+        (and with them the disk image locks)."""
+        self.pid()
         deadline = time.monotonic() + timeout
-        while self.alive():
+        while self._seen is not None and _running(*self._seen):
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         return True
 
     async def kill_and_wait(self, timeout: float = 10.0) -> None:

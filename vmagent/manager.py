@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -175,6 +176,9 @@ class Manager:
         spec = VMSpec.from_dict(fields)
         if spec.name in self.vms:
             raise Conflict(f"a VM named {spec.name!r} already exists", vm=spec.name)
+        # the whole spec is checked before anything slow (an image pull) happens
+        dataclasses.replace(spec, segment=spec.segment or
+                            self.settings.defaults.segment).check_allocation()
         image = await self._image_for(spec.image or self.settings.defaults.image,
                                       pull=not dry_run)
         spec = apply_defaults(spec, self.settings.defaults, image.virtual_size)
