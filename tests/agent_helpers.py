@@ -103,6 +103,16 @@ class AgentProcess:
             time.sleep(1)
 
 
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed qemu is a zombie until its
+    parent, init, reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
 def ssh(port: int, key: Path, *command: str, user: str = "dev",
         timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from agent_helpers import AgentProcess, keypair, require_test_image, ssh_retry
+from agent_helpers import (AgentProcess, keypair, process_running, require_test_image,
+                           ssh_retry)
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +114,7 @@ def test_agent_sigkill_then_restart_readopts_running_vm(env):
     before = agent.ok("GET", f"/vms/{NAME}")
     agent.stop(signal.SIGKILL)
     # the VM outlives its agent
-    assert subprocess.run(["kill", "-0", str(before["pid"])]).returncode == 0
+    assert process_running(before["pid"])
     agent = env["agent"] = AgentProcess(agent.state_dir).start()
     after = agent.ok("GET", f"/vms/{NAME}")
     assert after["state"] == "running"
@@ -149,7 +150,7 @@ def test_poweroff_and_delete_leave_nothing(env):
     agent = env["agent"]
     pid = agent.ok("GET", f"/vms/{NAME}")["pid"]
     assert agent.ok("POST", f"/vms/{NAME}/poweroff")["state"] == "stopped"
-    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+    assert not process_running(pid)
     assert agent.ok("DELETE", f"/vms/{NAME}") == {"deleted": NAME}
     assert agent.call("GET", f"/vms/{NAME}")[0] == 404
     assert list((agent.state_dir / "vms").iterdir()) == []
