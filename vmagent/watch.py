@@ -45,6 +45,9 @@ def vm_status(vm: "VM", probe: bool = True) -> dict:
         "ssh_port": rt.ssh_port,
         "ssh_user": (rec.spec.admins or ["root"])[0],
         "ssh_ready": running and vm.ssh_ready,
+        # what the 1 Hz watcher saw: qemu alive (link) and the guest's sshd greeting (net)
+        "link_alive": running and vm.machine.alive(),
+        "net_alive": running and vm.ssh_ready,
         "cloud_init": progress["cloud_init"] if running else None,
         "boot": {"started_at": rt.started_at if running else None,
                  "console_bytes": progress["console_bytes"],
