@@ -17,7 +17,7 @@ from vmagent.spec import Defaults, VMSpec, apply_defaults, parse_size
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdM09Ct5ZbpGEQm6BvLA/Ji8N4McDg7RPn/6+OGhCmD t@x"
 
 
-@pytest.mark.parametrize("name", ["../x", "a\x00b", "a" * 300, "Abc", "-x", "", "1abc",
+@pytest.mark.parametrize("name", ["../x", "a\x00b", "a" * 300, "Abc", "-x", "", "1abc", "a\n",
                                   "a_b", "a b", None, 5])
 def test_bad_names_are_refused(name):
     with pytest.raises(BadRequest, match="name"):
@@ -163,6 +163,7 @@ def test_installed_qemu_accepts_the_argv(tmp_path):
     argv = qargv.build_argv(_cfg(tmp_path, ssh_port=0)) + ["-S"]
     res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+    pid = int((tmp_path / "qemu.pid").read_text())
 
     async def ask() -> dict:
         client = QMPClient("test")
@@ -176,5 +177,4 @@ def test_installed_qemu_accepts_the_argv(tmp_path):
     try:
         assert asyncio.run(ask())["status"] == "prelaunch"
     finally:
-        pid = int((tmp_path / "qemu.pid").read_text())
         subprocess.run(["kill", "-9", str(pid)], capture_output=True)

@@ -152,6 +152,8 @@ def _parse_derived(file: Path, name: str, data: dict[str, Any]) -> CatalogEntry:
     cloud_config = data.get("cloud_config", {})
     if not isinstance(cloud_config, dict):
         raise _fail(file, "cloud_config must be a table")
+    if not isinstance(cloud_config.get("packages", []), list):
+        raise _fail(file, "cloud_config.packages must be a list (it is merged with packages)")
     if not packages and not cloud_config:
         raise _fail(file, "a derived image needs packages or cloud_config")
     return CatalogEntry(name=name, description=data.get("description", ""),
@@ -179,6 +181,9 @@ class Catalog:
                     data = tomllib.load(f)
             except tomllib.TOMLDecodeError as exc:
                 raise _fail(file, f"invalid TOML: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise _fail(file, f"invalid TOML: not UTF-8 ({exc.reason} at byte "
+                            f"{exc.start})") from None
             except OSError as exc:
                 raise _fail(file, f"cannot read: {exc.strerror}") from None
             entry = parse_entry(file, data)

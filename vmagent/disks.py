@@ -36,6 +36,12 @@ class QemuImgError(errors.ImageError):
                          command=self.command, exitcode=exitcode, output=output)
 
 
+def _abs(path: str | os.PathLike) -> str:
+    """``path`` made absolute: qemu-img reads a relative name with a ':' before any '/'
+    as a protocol (``nbd:host:port``, ``json:{...}``, ``file:...``), never as a file."""
+    return os.path.abspath(os.fspath(path))
+
+
 async def run_qemu_img(*args: str | os.PathLike) -> str:
     """Run ``qemu-img args...`` and return its stdout; :class:`QemuImgError` on failure.
     If the caller is cancelled the process is killed."""
@@ -67,7 +73,7 @@ async def qemu_img_info(path: str | os.PathLike, fmt: str | None = None, *,
         args += ["-f", fmt]
     if force_share:
         args.append("-U")
-    out = await run_qemu_img(*args, "--", path)
+    out = await run_qemu_img(*args, "--", _abs(path))
     try:
         return json.loads(out)
     except ValueError:
@@ -80,7 +86,7 @@ async def create_overlay(base: Path, base_format: str, dest: Path, size: int) ->
 
     ``size`` must be at least the base's virtual size (a disk can only grow). ``dest``
     must not exist; on failure nothing is left at ``dest``."""
-    base, dest = Path(base).absolute(), Path(dest)
+    base, dest = Path(_abs(base)), Path(_abs(dest))
     if not base.is_file():
         raise errors.ImageError(f"base image {base} does not exist")
     if dest.exists() or dest.is_symlink():
@@ -109,7 +115,8 @@ async def resize(path: str | os.PathLike, size: int) -> None:
         raise errors.BadRequest(f"disk size {format_size(size)} is smaller than the current "
                                 f"{format_size(current)}; a disk can only grow")
     if size > current:
-        await run_qemu_img("resize", "-q", "-f", info["format"], "--", path, str(size))
+        await run_qemu_img("resize", "-q", "-f", info["format"], "--", _abs(path),
+                           str(size))
 
 
 async def snapshot_list(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ import asyncio
 import collections
 import copy
 import dataclasses
-import inspect
 import logging
 import os
 import re
@@ -23,25 +22,20 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from . import disks, errors
+from . import disks, download, errors
 from .catalog import DEFAULT_APPEND, Catalog, CatalogEntry
+from .download import Progress, parse_sums  # noqa: F401  (re-exported)
 from .fsutil import atomic_write_json, fsync_dir, read_json
 from .spec import check_image_name
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("qcow2", "raw")
-SUMS_MAX = 1 << 20
-_HEX_LEN = {64: "sha256", 128: "sha512"}
-_SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}|[0-9a-fA-F]{128})\s+\*?(.+?)\s*$")
-_BSD_LINE = re.compile(r"^(SHA256|SHA512) \((.+)\) = ([0-9a-fA-F]+)\s*$")
-
-Progress = Callable[[int, "int | None"], Any]
 
 
 @dataclass
@@ -103,25 +97,6 @@ def _check_url(url: Any, what: str = "url") -> str:
             or not urlsplit(url).netloc:
         raise errors.BadRequest(f"{what}: expected an http(s) URL, got {str(url)[:200]!r}")
     return url
-
-
-def _basename(url: str) -> str:
-    return urlsplit(url).path.rsplit("/", 1)[-1]
-
-
-def parse_sums(text: str) -> dict[str, str]:
-    """A SHA256SUMS/SHA512SUMS file: ``{file name: lowercase hex digest}``. Accepts
-    ``HASH  name``, ``HASH *name`` and BSD ``SHA256 (name) = HASH`` lines."""
-    sums = {}
-    for line in text.splitlines():
-        if m := _SUMS_LINE.match(line):
-            digest, name = m.groups()
-        elif m := _BSD_LINE.match(line):
-            _, name, digest = m.groups()
-        else:
-            continue
-        sums[name.removeprefix("./")] = digest.lower()
-    return sums
 
 
 class ImageStore:
@@ -212,6 +187,11 @@ class ImageStore:
             for f in (image.path, image.kernel, image.initrd):
                 if f is not None:
                     os.chmod(f, 0o444)
+            # the record names the files where they will be, not in staging
+            image = dataclasses.replace(
+                image, path=final / image.path.name,
+                kernel=final / image.kernel.name if image.kernel else None,
+                initrd=final / image.initrd.name if image.initrd else None)
         atomic_write_json(stage / "image.json", image.to_json())
         os.chmod(stage, 0o755)
         os.rename(stage, final)
@@ -341,33 +321,22 @@ class ImageStore:
         stage = self._stage()
         try:
             async with aiohttp.ClientSession(timeout=self.timeout) as session:
-                sums = (await self._fetch_sums(session, entry.checksum_url)
-                        if entry.checksum_url else {})
-
-                def expected(url: str, *given: tuple[str, str | None]) -> dict[str, str]:
-                    want = {algo: hexd for algo, hexd in given if hexd}
-                    if entry.checksum_url:
-                        hexd = sums.get(_basename(url))
-                        if hexd is None:
-                            raise errors.ImageError(f"{_basename(url)} is not listed in "
-                                                    f"{entry.checksum_url}")
-                        want[_HEX_LEN[len(hexd)]] = hexd
-                    if not want:
-                        raise errors.ImageError(f"no digest to verify {url} with")
-                    return want
-
+                sums = (await download.fetch_sums(session, entry.checksum_url)
+                        if entry.checksum_url else None)
                 part = stage / "disk.part"
-                w = await self._download(session, entry.url, part, expected(
-                    entry.url, ("sha256", entry.sha256), ("sha512", entry.sha512)),
-                    progress)
+                w = await download.download(session, entry.url, part, download.expected(
+                    entry.url, {"sha256": entry.sha256, "sha512": entry.sha512}, sums,
+                    entry.checksum_url), progress)
                 if sha256 and w.digest("sha256") != sha256:
                     raise errors.ImageError(f"sha256 mismatch for {entry.url}: expected "
                                             f"{sha256}, got {w.digest('sha256')}")
                 for url, dst, hexd in ((entry.kernel_url, "vmlinuz", entry.kernel_sha256),
                                        (entry.initrd_url, "initrd.img", entry.initrd_sha256)):
                     if url:
-                        await self._download(session, url, stage / dst,
-                                             expected(url, ("sha256", hexd)), None)
+                        await download.download(
+                            session, url, stage / dst,
+                            download.expected(url, {"sha256": hexd}, sums,
+                                              entry.checksum_url), None)
             info = await self._check_disk(part, entry.format)
             disk = stage / f"disk.{info['format']}"
             os.rename(part, disk)
@@ -388,54 +357,6 @@ class ImageStore:
         finally:
             await self._discard(stage)
 
-    async def _fetch_sums(self, session: aiohttp.ClientSession, url: str) -> dict[str, str]:
-        data = bytearray()
-        async with _Request(session, url) as resp:
-            async for chunk in self._chunks(resp, url):
-                data += chunk
-                if len(data) > SUMS_MAX:
-                    raise errors.ImageError(f"checksum file {url} is over {SUMS_MAX} bytes")
-        return parse_sums(data.decode(errors="replace"))
-
-    async def _download(self, session: aiohttp.ClientSession, url: str, dest: Path,
-                        want: dict[str, str], progress: Progress | None) -> disks.SparseWriter:
-        """Stream ``url`` to ``dest`` (sparse), hashing as it goes; check ``want``."""
-        w = await asyncio.to_thread(disks.SparseWriter, dest, tuple(want))
-        try:
-            async with _Request(session, url) as resp:
-                total, done, buf = resp.content_length, 0, bytearray()
-                async for chunk in self._chunks(resp, url):
-                    buf += chunk
-                    if len(buf) >= 4 * disks.CHUNK:
-                        await asyncio.to_thread(w.write, bytes(buf))
-                        done += len(buf)
-                        buf.clear()
-                        if progress is not None and inspect.isawaitable(
-                                r := progress(done, total)):
-                            await r
-                await asyncio.to_thread(w.write, bytes(buf))
-                done += len(buf)
-                if progress is not None and inspect.isawaitable(r := progress(done, total)):
-                    await r
-            await asyncio.to_thread(w.close)
-        finally:
-            w.abort()
-        for algo, hexd in want.items():
-            if w.digest(algo) != hexd:
-                raise errors.ImageError(f"{algo} mismatch for {url}: expected {hexd}, "
-                                        f"got {w.digest(algo)}", url=url)
-        return w
-
-    async def _chunks(self, resp: aiohttp.ClientResponse, url: str):
-        try:
-            async for chunk in resp.content.iter_chunked(disks.CHUNK):
-                yield chunk
-        except TimeoutError:
-            raise errors.ImageError(f"download of {url} stalled (read timeout)",
-                                    url=url) from None
-        except aiohttp.ClientError as exc:
-            raise errors.ImageError(f"download of {url} failed: {exc}", url=url) from None
-
     # --- remove --------------------------------------------------------------------
 
     async def remove(self, name: str, in_use: list[str]) -> None:
@@ -453,30 +374,3 @@ class ImageStore:
             os.rename(self.root / name, trash / name)
             fsync_dir(self.root)
             await self._discard(trash)
-
-
-class _Request:
-    """``session.get`` as a context manager that maps failures to :class:`ImageError`."""
-
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.session, self.url, self.resp = session, url, None
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
-        try:
-            self.resp = await self.session.get(self.url)
-        except TimeoutError:
-            raise errors.ImageError(f"connecting to {self.url} timed out",
-                                    url=self.url) from None
-        except aiohttp.ClientError as exc:
-            raise errors.ImageError(f"download of {self.url} failed: {exc}",
-                                    url=self.url) from None
-        if self.resp.status != 200:
-            status, reason = self.resp.status, self.resp.reason
-            self.resp.release()
-            raise errors.ImageError(f"download of {self.url} failed: HTTP {status} {reason}",
-                                    url=self.url, status=status)
-        return self.resp
-
-    async def __aexit__(self, *exc: Any) -> None:
-        if self.resp is not None:
-            self.resp.release()

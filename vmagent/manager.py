@@ -407,7 +407,7 @@ class Manager:
     async def op_snapshot(self, name: str, snapshot: Any = None) -> dict:
         vm = self.get(name)
         tag = snapshot or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
-        if not isinstance(tag, str) or not _SNAP_RE.match(tag):
+        if not isinstance(tag, str) or not _SNAP_RE.fullmatch(tag):
             raise BadRequest("snapshot: a name of letters, digits, '.', '_' and '-' "
                              "(at most 64), starting with a letter or digit")
         self._need(vm, State.RUNNING)

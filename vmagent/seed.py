@@ -57,7 +57,7 @@ def build_network_config(mac: str, ifname: str = "eth0") -> dict[str, Any]:
     ``set-name`` gives the device a fixed name: the ENI renderer (Debian's ifupdown)
     needs one and cloud-init adds a udev rename rule for it."""
     mac_l = mac.strip().lower() if isinstance(mac, str) else ""
-    if not _MAC_RE.match(mac_l):
+    if not _MAC_RE.fullmatch(mac_l):
         raise BadRequest(f"invalid MAC address {str(mac)[:40]!r}")
     return {"version": 2, "ethernets": {ifname: {
         "match": {"macaddress": mac_l}, "set-name": ifname, "dhcp4": True}}}

@@ -46,7 +46,7 @@ def parse_size(value: Any, what: str = "size") -> int:
             raise BadRequest(f"{what}: size must not be negative")
         return value
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         if m:
             number, unit = m.groups()
             return int(float(number) * _UNITS[unit.upper()])
@@ -85,7 +85,7 @@ def parse_user_data(text: str) -> dict[str, Any]:
 
 
 def _check_name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         shown = value if isinstance(value, str) and len(value) <= 70 else (
             f"{str(value)[:40]}... ({len(str(value))} characters)")
         raise BadRequest(
@@ -100,7 +100,7 @@ def check_name(value: Any) -> str:
 
 
 def check_image_name(value: Any) -> str:
-    if not isinstance(value, str) or not IMAGE_NAME_RE.match(value):
+    if not isinstance(value, str) or not IMAGE_NAME_RE.fullmatch(value):
         raise BadRequest(f"image name {str(value)[:70]!r} is invalid: use 1-63 characters, "
                          "lowercase letters, digits, '.', '_' and '-'")
     return value
@@ -174,7 +174,7 @@ class VMSpec:
         spec.ssh_keys = [k.strip() for k in spec.ssh_keys]
         spec.admins = _str_list(data.get("admins"), "admins")
         for user in spec.admins:
-            if not USER_RE.match(user):
+            if not USER_RE.fullmatch(user):
                 raise BadRequest(f"admins: {user[:40]!r} is not a valid user name")
             if user in RESERVED_USERS:
                 raise BadRequest(f"admins: {user!r} is a system account and cannot be an admin")
