@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
+import time
 
 import pytest
 
-from agent_helpers import AgentProcess, require_test_image
+from agent_helpers import AgentProcess, process_running, require_test_image
 
 
 @pytest.fixture(scope="module")
@@ -79,5 +81,42 @@ exec {shutil.which('qemu-system-x86_64')} "$@"
         st = a.ok("POST", "/vms", {"name": "retry", "image": "test", "memory": "512M"})
         assert st["state"] == "running" and marker.exists()
         a.ok("DELETE", "/vms/retry")
+    finally:
+        a.stop()
+
+
+def _kill_qemu(pid: int) -> None:
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while process_running(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_qemu_gone_while_agent_down_is_marked_broken(tmp_path):
+    """Restart after SIGKILL: a VM whose qemu vanished meanwhile is broken, not running;
+    one whose qemu still runs is re-adopted with its pid."""
+    a = AgentProcess(tmp_path / "state").start()
+    a.import_test_image()
+    gone = a.ok("POST", "/vms", {"name": "gone", "image": "test", "memory": "256M"})
+    kept = a.ok("POST", "/vms", {"name": "kept", "image": "test", "memory": "256M"})
+    a.stop(signal.SIGKILL)
+    _kill_qemu(gone["pid"])
+    a = AgentProcess(tmp_path / "state").start()
+    try:
+        st = a.ok("GET", "/vms/gone")
+        assert st["state"] == "broken" and "unexpectedly" in st["reason"]
+        assert a.ok("GET", "/vms/kept")["pid"] == kept["pid"]
+        # the watcher notices a qemu that dies while the agent runs
+        _kill_qemu(kept["pid"])
+        deadline = time.monotonic() + 15
+        while (st := a.ok("GET", "/vms/kept"))["state"] == "running":
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        assert st["state"] == "broken" and st["link_alive"] is False
+        # a broken VM can be started again
+        assert a.ok("POST", "/vms/gone/start")["state"] == "running"
+        a.ok("DELETE", "/vms/gone")
+        a.ok("DELETE", "/vms/kept")
     finally:
         a.stop()
