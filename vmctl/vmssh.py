@@ -71,14 +71,14 @@ def ssh_options(target: Target, status: dict, cfg: config_mod.Config | None) -> 
 
 def ssh_argv(target: Target, status: dict, cfg: config_mod.Config | None,
              command: list[str] | None = None, *, batch: bool = False,
-             tty: bool | None = None) -> list[str]:
+             tty: bool | None = None, identities: tuple[Path, ...] = ()) -> list[str]:
     opts = ssh_options(target, status, cfg)
     argv = ["ssh"]
     for key in ("User", "Port", "HostKeyAlias", "UserKnownHostsFile",
                 "StrictHostKeyChecking", "LogLevel", "ProxyCommand"):
         if key in opts:
             argv += ["-o", f"{key}={opts[key]}"]
-    for identity in keys.identity_files(cfg):
+    for identity in (*identities, *keys.identity_files(cfg)):
         argv += ["-i", str(identity)]
     if batch:
         argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
@@ -150,12 +150,12 @@ def pin_host_keys(call: Callable[..., Any], target: Target, status: dict) -> boo
 
 
 def try_login(target: Target, status: dict, cfg: config_mod.Config | None,
-              timeout: float = 30.0, call: Callable[..., Any] | None = None
-              ) -> tuple[bool, str]:
+              timeout: float = 30.0, call: Callable[..., Any] | None = None,
+              identities: tuple[Path, ...] = ()) -> tuple[bool, str]:
     """Run ``ssh ... true`` once: (logged in, last stderr line)."""
     if call is not None:
         pin_host_keys(call, target, status)
-    argv = ssh_argv(target, status, cfg, ["true"], batch=True)
+    argv = ssh_argv(target, status, cfg, ["true"], batch=True, identities=identities)
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=timeout)

@@ -121,6 +121,9 @@ def register(cli: click.Group) -> None:
             app.out.emit(doc, lambda: _print_dry_run(app, doc),
                          quiet=shlex.join(doc.get("argv") or []))
             return
+        # the private halves of --ssh-key keys log in while waiting
+        given = tuple(p.private for p in (keys.from_file(k) for k in kw.get("ssh_keys") or ())
+                      if p.private is not None)
         progress = Progress(name, enabled=not app.quiet)
         with progress:
             status = app.call("create", name=name, start=start, **params)
@@ -131,7 +134,7 @@ def register(cli: click.Group) -> None:
                     status = wait_ready(
                         app.call, name, progress, timeout=timeout,
                         login=lambda st: try_login(app.target, st, app.config,
-                                                   call=app.call))
+                                                   call=app.call, identities=given))
                 except CLIError as exc:
                     if exc.code == "timeout":
                         exc.message += (f"; the VM is still there: see 'vmctl console {name} "
