@@ -65,7 +65,10 @@ def main() -> None:
             stopped = list_times(agent, reps)
             for i in range(args.running):
                 agent.ok("POST", f"/vms/vm{i}/start")
-            time.sleep(2)
+            # measure the steady state: booting TCG guests starve everything of CPU
+            for i in range(args.running):
+                if not args.quick:
+                    agent.wait_ready(f"vm{i}", timeout=900)
             running = list_times(agent, reps)
             c0, t0 = cpu_seconds(pid), time.monotonic()
             time.sleep(args.window)
