@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from . import argv as qargv
 from .errors import Conflict, QMPFailure, Timeout, VMAgentError
+from .fsutil import atomic_write
 from .machine import Machine
 from .qmp import Monitor, guest_agent_call
 from .store import VMRecord
@@ -69,8 +71,10 @@ class VM:
     # --- process and QMP --------------------------------------------------------------
 
     async def launch(self, argv: list[str]) -> int:
+        self.trim_console_log()
+        before = self.console_size()          # the new boot's output starts here
         pid = await self.machine.launch(argv)
-        self.reset_boot()
+        self.reset_boot(before)
         await self.attach()
         return pid
 
@@ -117,9 +121,9 @@ class VM:
         assert self.monitor is not None
         return await self.monitor.execute(command, arguments, timeout)
 
-    def reset_boot(self) -> None:
+    def reset_boot(self, offset: int | None = None) -> None:
         """A new boot begins: readiness is judged from here on."""
-        self.rec.rt.boot_offset = self.console_size()
+        self.rec.rt.boot_offset = self.console_size() if offset is None else offset
         self.ssh_ready = False
         self.ssh_checked = 0.0
 
@@ -235,6 +239,17 @@ class VM:
         return []
 
     # --- readiness ----------------------------------------------------------------------
+
+    def trim_console_log(self, limit: int = 8 << 20, keep: int = 1 << 20) -> None:
+        """The log is appended to across boots: before a start, cut it to its last
+        ``keep`` bytes once it is over ``limit`` (qemu is not running: no writer)."""
+        path = self.run_dir / qargv.CONSOLE_LOG
+        if self.console_size() <= limit:
+            return
+        with open(path, "rb") as f:
+            f.seek(-keep, os.SEEK_END)
+            tail = f.read()
+        atomic_write(path, tail)
 
     def console_size(self) -> int:
         try:
