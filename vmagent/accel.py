@@ -98,8 +98,8 @@ async def choose(state_dir: Path, kernels: list[Path], *, override: str | None =
         cached = read_json(cache)
         if cached.get("key") == key:
             return AccelChoice(**cached["choice"])
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass                  # no cache, or not the shape we write: probe again
     start = time.monotonic()
     ok, reason = await probe_kvm(kernel, binary)
     choice = AccelChoice("kvm" if ok else "tcg", reason, True,

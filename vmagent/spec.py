@@ -25,6 +25,10 @@ RESERVED_USERS = frozenset({
     "systemd-resolve", "messagebus", "sshd", "_apt", "systemd-timesync",
 })
 USER_DATA_MAX = 64 * 1024
+# YAML aliases let a few hundred bytes expand to millions of values when the seed is
+# rendered; no alias-free document of 64 KiB has more values than bytes.
+USER_DATA_MAX_VALUES = USER_DATA_MAX
+USER_DATA_MAX_DEPTH = 100
 DEV_CPU_GUARANTEE_MAX = 2.0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -71,6 +75,8 @@ def parse_user_data(text: str) -> dict[str, Any]:
         raise BadRequest("user_data: contains a NUL byte")
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise BadRequest("user_data: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -81,11 +87,33 @@ def parse_user_data(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("user_data: cloud-config must be a YAML mapping "
                          f"(got {type(data).__name__})")
+    _check_expansion(data)
     return data
 
 
+def _check_expansion(data: Any) -> None:
+    """Refuse a document that expands (through aliases) or nests beyond what plain YAML
+    of 64 KiB can hold: rendering it would stall the agent or exhaust its stack."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > USER_DATA_MAX_VALUES:
+            raise BadRequest(f"user_data: expands to more than {USER_DATA_MAX_VALUES} "
+                             "values (YAML aliases?)")
+        if depth > USER_DATA_MAX_DEPTH:
+            raise BadRequest(f"user_data: nested more than {USER_DATA_MAX_DEPTH} levels "
+                             "deep (or a recursive alias)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for item in value.items() for v in item)
+        elif isinstance(value, (list, set)):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def _check_name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+    if not isinstance(value, str):
+        raise BadRequest(f"name: expected a string, got {type(value).__name__}")
+    if not NAME_RE.fullmatch(value):
         shown = value if isinstance(value, str) and len(value) <= 70 else (
             f"{str(value)[:40]}... ({len(str(value))} characters)")
         raise BadRequest(
