@@ -120,6 +120,13 @@ async def serve(args: argparse.Namespace) -> None:
     await watcher.stop()
     for r in runners:
         await r.cleanup()
+    # a stopped agent leaves no socket behind (clients then say "no agent", not
+    # "connection refused"); the flock is still held, so no other agent owns it yet
+    try:
+        if stat.S_ISSOCK(sock_path.lstat().st_mode):
+            sock_path.unlink()
+    except FileNotFoundError:
+        pass
     for vm in manager.vms.values():
         await vm.detach()
 

@@ -30,6 +30,7 @@ from .errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailur
 from .images import Image, ImageStore
 from .spec import Defaults, VMSpec, apply_defaults, check_name
 from .store import State, Store, VMRecord, Runtime, now_iso
+from .templates import TemplateOps
 from .vm import VM
 from .watch import vm_status
 
@@ -53,7 +54,7 @@ class Settings:
     accel_override: str | None = None  # "kvm"/"tcg": skip the probe
 
 
-class Manager:
+class Manager(TemplateOps):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.state_dir)
@@ -172,7 +173,12 @@ class Manager:
 
     # --- create / delete / config -----------------------------------------------------
 
-    async def op_create(self, dry_run: Any = False, start: Any = True, **fields: Any) -> dict:
+    async def op_create(self, dry_run: Any = False, start: Any = True,
+                        template: Any = None, **fields: Any) -> dict:
+        dry_run, start = _flag(dry_run, "dry_run"), _flag(start, "start")
+        if template not in (None, ""):
+            # a warm start from a template's saved state (templates.py)
+            return await self._warm_create(template, bool(dry_run), bool(start), fields)
         spec = VMSpec.from_dict(fields)
         if spec.name in self.vms:
             raise Conflict(f"a VM named {spec.name!r} already exists", vm=spec.name)
@@ -302,7 +308,11 @@ class Manager:
         raise Conflict("no free port for SSH forwarding in "
                        f"{PORT_RANGE[0]}-{PORT_RANGE[1] - 1}")
 
-    async def _launch(self, vm: VM) -> None:
+    async def _launch(self, vm: VM, extra_argv: list[str] | None = None,
+                      restore: Any = None) -> None:
+        """Start qemu. ``extra_argv`` is appended to the argv, and ``restore(vm)`` (a
+        coroutine function) runs once qemu is up, before the VM counts as running (a warm
+        start loads its template's state there)."""
         rec, rt = vm.rec, vm.rec.rt
         image = self.images.resolve(rec.spec.image)
         info = await disks.qemu_img_info(vm.run_dir / qargv.DISK)
@@ -311,10 +321,12 @@ class Manager:
         rt.state, rt.reason = State.STARTING, None
         self.store.save_state(rec)
         for attempt in range(LAUNCH_ATTEMPTS):
-            argv = self._argv(rec, image)
+            argv = self._argv(rec, image) + list(extra_argv or ())
             self.store.save_argv(rec, argv)
             try:
                 await vm.launch(argv)
+                if restore is not None:
+                    await restore(vm)
                 break
             except VMLaunchFailure as e:
                 if "hostfwd" in e.output or "host forwarding" in e.output:
@@ -447,8 +459,18 @@ class Manager:
 
     async def op_image_remove(self, image: str) -> dict:
         users = [n for n, v in self.vms.items() if v.rec.spec.image == image]
+        users += self.templates_of_image(image)
         await self.images.remove(image, users)
         return {"deleted": image}
+
+
+def _flag(value: Any, what: str) -> bool:
+    """A JSON boolean (or "true"/"false" from a query string); anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise BadRequest(f"{what}: expected true or false, got {value!r}")
 
 
 def _timeout(value: Any, default: float) -> float:

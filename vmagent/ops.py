@@ -4,8 +4,8 @@ Each row says how an operation is reached over HTTP (method and path under ``/v1
 whether it takes the VM's operation lock, and which parameters it accepts. The server
 registers one route per row and dispatches to ``Manager.op_<name>``; the vmctl client
 calls operations by name and builds the request from the same row. Path parameters are
-written ``{name}`` (a VM) or ``{image}`` (an image); other parameters go in the JSON body
-for POST/PUT/DELETE and in the query string for GET.
+written ``{name}`` (a VM), ``{image}`` (an image) or ``{template}`` (a template); other
+parameters go in the JSON body for POST/PUT/DELETE and in the query string for GET.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("host", "GET", "/host", "Agent version, accel, capacity and qemu version"),
     Operation("list", "GET", "/vms", "All VMs with their state"),
     Operation("create", "POST", "/vms", "Create a VM from a spec and start it",
-              lock=True, params=("name", *_SPEC, "dry_run", "start")),
+              lock=True, params=("name", *_SPEC, "dry_run", "start", "template")),
     Operation("status", "GET", "/vms/{name}", "One VM: spec, state, pid, accel, SSH port, "
               "readiness (ssh, cloud-init)"),
     Operation("delete", "DELETE", "/vms/{name}", "Stop the VM and remove all its files",
@@ -93,6 +93,17 @@ OPERATIONS: tuple[Operation, ...] = (
               params=("url", "sha256")),
     Operation("image_remove", "DELETE", "/images/{image}",
               "Remove an image no VM uses"),
+    # templates (templates.py): a booted guest's saved state; create with template=T
+    # warm-starts a clone from it
+    Operation("template_create", "POST", "/templates",
+              "Boot a VM from an image, save its RAM and device state as a template",
+              params=("template", "image", "cpus", "memory", "disk", "ssh_keys", "admins",
+                      "user_data", "timeout")),
+    Operation("template_list", "GET", "/templates", "All templates"),
+    Operation("template_show", "GET", "/templates/{template}", "One template"),
+    Operation("template_remove", "DELETE", "/templates/{template}",
+              "Remove a template (refused while VMs use it, unless force)",
+              params=("force",)),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}

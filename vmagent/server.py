@@ -25,7 +25,7 @@ from .store import State
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
-CREATED = {"create", "image_import", "image_pull"}
+CREATED = {"create", "image_import", "image_pull", "template_create"}
 
 
 def _error(err: VMAgentError) -> web.Response:

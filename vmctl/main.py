@@ -134,7 +134,8 @@ def cli(ctx: click.Context, host: str | None, json_mode: bool, quiet: bool) -> N
 
 def _register() -> None:
     from .commands import completion, console, host, image, ssh, vm, create
-    for module in (create, vm, ssh, console, image, host, completion):
+    from .commands import template
+    for module in (create, vm, ssh, console, image, host, completion, template):
         module.register(cli)
 
 

@@ -99,6 +99,9 @@ def register(cli: click.Group) -> None:
     @spec_options
     @click.option("--host", "-H", "cmd_host", metavar="HOST",
                   help="Agent to create the VM on (same as the global --host).")
+    @click.option("--template", "-t", "template", metavar="TEMPLATE",
+                  help="Warm-start from a template's saved state (vmctl template list): "
+                       "ready in seconds; cpus, memory, disk and image are the template's.")
     @click.option("--dry-run", is_flag=True,
                   help="Print the qemu command line and the seed files; start nothing.")
     @click.option("--start/--no-start", default=True, help="Start the VM (default: yes).")
@@ -107,14 +110,16 @@ def register(cli: click.Group) -> None:
     @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
                   help="Seconds to wait for SSH.")
     @pass_app
-    def create(app: App, name: str, cmd_host: str | None, dry_run: bool, start: bool,
-               wait: bool, timeout: float, **kw: Any) -> None:
+    def create(app: App, name: str, cmd_host: str | None, template: str | None,
+               dry_run: bool, start: bool, wait: bool, timeout: float, **kw: Any) -> None:
         """Create a VM and (by default) wait until you can SSH into it."""
         name = vm_name(name)
         if cmd_host:
             app.host = cmd_host
         params = spec_params(app, kw, default_key=True)
-        if "image" not in params and app.config.default_image:
+        if template:
+            params["template"] = vm_name(template)
+        elif "image" not in params and app.config.default_image:
             params["image"] = checked(image_name, app.config.default_image)
         if dry_run:
             doc = app.call("create", name=name, dry_run=True, **params)
