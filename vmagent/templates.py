@@ -645,6 +645,13 @@ class TemplateOps:
                     "template": tpl.name,
                     "argv": self._argv(rec, img) + ["-incoming", "defer"],
                     "seed": {k: v.decode() for k, v in files.items()}}
+        accel = self.accel.name if self.accel else "tcg"
+        if (tpl.qemu_version, tpl.accel) != (self.qemu_version, accel):
+            # the saved device state fits the qemu (machine type, CPU model) that saved it
+            raise ImageError(f"template {tpl.name!r} was saved by qemu {tpl.qemu_version} "
+                             f"with {tpl.accel}; this agent runs qemu {self.qemu_version} "
+                             f"with {accel}: create the template again",
+                             template=tpl.name)
         t0 = time.monotonic()
         async with self._template_lock(tpl.name):
             await self.templates.verify(tpl)
