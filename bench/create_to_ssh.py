@@ -95,17 +95,19 @@ def main() -> None:
                               else bare_run(agent, work, key, f"bare{i}"))
                 log(f"  {kind}: {pair[kind]['total_s']:.1f}s")
             detail.append(pair)
+    # the baseline is polled the way vmctl polls: SSH answering, cloud-init finished
+    # (from the console log), then a login running `true`; the first login by hand
+    # (before cloud-init ends) is reported too, to show what that wait costs
     agent_t = [d["agent"]["total_s"] for d in detail]
-    bare_t = [d["bare"]["total_s"] for d in detail]
-    bare_ci = [d["bare"]["cloud_init_login_s"] for d in detail]
+    bare_t = [d["bare"]["cloud_init_login_s"] for d in detail]
+    bare_first = [d["bare"]["total_s"] for d in detail]
     ratios = [a / b for a, b in zip(agent_t, bare_t)]
-    ratios_ci = [a / b for a, b in zip(agent_t, bare_ci)]
     for d in detail:
         for kind in ("agent", "bare"):
             d[kind]["total_s"] = round(d[kind]["total_s"], 2)
         d["bare"]["cloud_init_login_s"] = round(d["bare"]["cloud_init_login_s"], 2)
-    # where the agent path spends the difference: from SSH answering to cloud-init's
-    # end (vmctl waits for it) and the logins after it
+    # where the agent path spends its time after SSH first answers: cloud-init's end
+    # (vmctl waits for it) and the logins after it
     gap = [d["agent"]["vmctl_create_s"] - d["agent"]["agent_ssh_ready_s"]
            for d in detail if "agent_ssh_ready_s" in d["agent"]]
     emit({"benchmark": "create_to_ssh", "machine": mach, "runs": runs, "spec": SPEC,
@@ -116,10 +118,8 @@ def main() -> None:
           "ratio_of_medians": round(median(agent_t) / median(bare_t), 3),
           "ratio_median": median(ratios, 3), "goal_ratio": GOAL,
           "goal_met": median(ratios) <= GOAL,
-          # the same readiness as vmctl's (cloud-init finished, then a login)
-          "bare_cloud_init_seconds": [round(t, 2) for t in bare_ci],
-          "bare_cloud_init_median": median(bare_ci, 2),
-          "ratio_same_readiness_median": median(ratios_ci, 3),
+          "bare_first_login_seconds": [round(t, 2) for t in bare_first],
+          "bare_first_login_median": median(bare_first, 2),
           "agent_ssh_ready_to_create_done_median": median(gap, 2),
           "runs_detail": detail})
 
