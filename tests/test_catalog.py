@@ -43,7 +43,8 @@ def test_shipped_catalog_loads_with_complete_entries():
         assert entry.name == name
         assert entry.file == SHARE / f"{name}.toml"
         assert entry.description
-        if entry.derived:
+        if entry.derived or not entry.downloadable:
+            assert entry.derived or entry.recipe is not None
             continue
         assert entry.url.startswith("https://")
         assert entry.format in ("qcow2", "raw")
@@ -63,16 +64,24 @@ def test_shipped_disk_images_pin_a_build_and_a_sums_file():
         assert entry.checksum_url.rsplit("/", 1)[0] == entry.url.rsplit("/", 1)[0]
 
 
-def test_shipped_devel_derives_from_debian_with_build_tools():
+def test_shipped_devel_is_built_from_the_debian_recipe_with_build_tools():
     cat = Catalog.load(SHARE)
     devel = cat.get("devel")
-    assert devel.derived and devel.base == "debian-12"
-    assert {"build-essential", "git"} <= set(devel.packages)
+    assert not devel.derived and not devel.downloadable
+    assert devel.recipe.chain == ("debian-12",)
+    assert {"build-essential", "git", "cloud-init"} <= set(devel.recipe.packages)
     assert devel.url is None and devel.format is None
     out = devel.to_json()
-    assert out["base"] == "debian-12" and "boot" not in out and "url" not in out
-    assert "build-essential" in out["packages"] and "git" in out["packages"]
+    assert "boot" not in out and "url" not in out and "base" not in out
+    assert "build-essential" in out["build"]["packages"]
     assert "packages" not in cat.get("debian-12").to_json()
+
+
+def test_derived_entries_still_work(tmp_path):
+    write(tmp_path, "base", disk_entry("base"))
+    write(tmp_path, "dev", 'name = "dev"\nbase = "base"\npackages = ["git"]\n')
+    dev = Catalog.load(tmp_path).get("dev")
+    assert dev.derived and dev.downloadable and dev.packages == ("git",)
 
 
 def test_default_catalog_dir(tmp_path, monkeypatch):

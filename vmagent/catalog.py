@@ -5,6 +5,8 @@ An entry either downloads a disk (``url`` + ``format`` + a digest: ``sha256``, `
 the file named by ``url`` is looked up at pull time), or is *derived* from another entry
 (``base``) and only adds ``packages`` / ``cloud_config`` that cloud-init applies on first
 boot. Entries with ``boot = "kernel"`` also name ``kernel_url``/``initrd_url``/``append``.
+An entry may also (or only) carry a ``[build]`` recipe (:mod:`vmagent.recipes`): the
+image builder bakes its disk from the distribution's package mirror.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import os
 import re
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import errors
+from . import errors, recipes
 from .spec import IMAGE_NAME_RE
 
 FORMATS = ("qcow2", "raw")
@@ -27,7 +29,7 @@ _HEX = {"sha256": re.compile(r"^[0-9a-f]{64}$"), "sha512": re.compile(r"^[0-9a-f
 _STR_KEYS = ("name", "description", "url", "format", "boot", "kernel_url", "initrd_url",
              "append", "sha256", "sha512", "checksum_url", "kernel_sha256",
              "initrd_sha256", "base")
-_KEYS = frozenset(_STR_KEYS) | {"packages", "cloud_config"}
+_KEYS = frozenset(_STR_KEYS) | {"packages", "cloud_config", "build"}
 
 
 class CatalogError(errors.InternalError):
@@ -55,10 +57,16 @@ class CatalogEntry:
     packages: tuple[str, ...] = ()
     cloud_config: dict[str, Any] = field(default_factory=dict)
     file: Path | None = None
+    build: dict[str, Any] | None = None      # the checked [build] table
+    recipe: recipes.Recipe | None = None     # resolved when the catalog loads
 
     @property
     def derived(self) -> bool:
         return self.base is not None
+
+    @property
+    def downloadable(self) -> bool:
+        return self.url is not None or self.derived
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _STR_KEYS if getattr(self, k) is not None}
@@ -67,6 +75,10 @@ class CatalogEntry:
             out["packages"] = list(self.packages)
             if self.cloud_config:
                 out["cloud_config"] = self.cloud_config
+        if not self.downloadable:
+            out.pop("boot", None)
+        if self.recipe is not None:
+            out["build"] = self.recipe.to_json()
         return out
 
 
@@ -94,11 +106,28 @@ def parse_entry(file: Path, data: dict[str, Any]) -> CatalogEntry:
         raise _fail(file, f"name {name!r} is not a valid image name")
     if name != file.stem:
         raise _fail(file, f"name {name!r} does not match the file name {file.name!r}")
+    build = None
+    if "build" in data:
+        try:
+            build = recipes.check_table(file, data.pop("build"))
+        except recipes.RecipeError as exc:
+            raise CatalogError(exc.message, file=str(file)) from None
+        if "base" in data:
+            raise _fail(file, "an entry with a [build] recipe cannot also have 'base' "
+                        "(inherit a recipe with build.from)")
+        if "url" not in data:
+            stray = sorted(set(data) - {"name", "description"})
+            if stray:
+                raise _fail(file, f"{', '.join(stray)} only apply to a downloaded image "
+                            "(with url); a built image takes them from its recipe")
+            return CatalogEntry(name=name, description=data.get("description", ""),
+                                file=file, build=build)
     if "base" in data:
         return _parse_derived(file, name, data)
     for key in ("url", "format"):
         if key not in data:
-            raise _fail(file, f"missing required field {key!r} (or 'base' for a derived image)")
+            raise _fail(file, f"missing required field {key!r} (or 'base' for a derived "
+                        "image, or a [build] recipe)")
     for key in ("packages", "cloud_config"):
         if key in data:
             raise _fail(file, f"{key!r} is only allowed in a derived image (with 'base')")
@@ -135,7 +164,7 @@ def parse_entry(file: Path, data: dict[str, Any]) -> CatalogEntry:
     fields = {k: data[k] for k in _STR_KEYS if k in data}
     if boot == "kernel":
         fields.setdefault("append", DEFAULT_APPEND)
-    return CatalogEntry(**fields, file=file)
+    return CatalogEntry(**fields, file=file, build=build)
 
 
 def _parse_derived(file: Path, name: str, data: dict[str, Any]) -> CatalogEntry:
@@ -196,6 +225,13 @@ class Catalog:
                 if base.derived:
                     raise _fail(entry.file, f"base {entry.base!r} is itself derived; "
                                 "derive from an image with a disk")
+        tables = {n: e.build for n, e in entries.items() if e.build is not None}
+        files = {n: entries[n].file for n in tables}
+        for n in tables:
+            try:
+                entries[n] = replace(entries[n], recipe=recipes.resolve(n, tables, files))
+            except recipes.RecipeError as exc:
+                raise CatalogError(exc.message, file=str(files[n])) from None
         return cls(entries=entries, directory=directory)
 
     def get(self, name: str) -> CatalogEntry:

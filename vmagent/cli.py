@@ -118,6 +118,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("stopping; VMs keep running")
     await watcher.stop()
+    await manager.builds.close()          # a running image build stops and cleans up
     for r in runners:
         await r.cleanup()
     # a stopped agent leaves no socket behind (clients then say "no agent", not

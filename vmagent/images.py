@@ -30,7 +30,7 @@ import aiohttp
 from . import disks, download, errors
 from .catalog import DEFAULT_APPEND, Catalog, CatalogEntry
 from .download import Progress, parse_sums  # noqa: F401  (re-exported)
-from .fsutil import atomic_write_json, fsync_dir, read_json
+from .fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
 from .spec import check_image_name
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,9 @@ class ImageStore:
         try:
             data = read_json(directory / "image.json")
         except FileNotFoundError:
-            hint = (f"; pull it with 'vmctl image pull {name}'" if name in self.catalog
-                    else "")
+            entry = self.catalog.entries.get(name)
+            hint = ("" if entry is None else f"; pull it with 'vmctl image pull {name}'"
+                    if entry.downloadable else f"; build it with 'vmctl image build {name}'")
             raise errors.NotFound(f"image {name!r} is not in the store{hint}",
                                   image=name) from None
         return Image.from_json(data, directory)
@@ -293,6 +294,10 @@ class ImageStore:
                     raise errors.Conflict(f"image {name!r} already exists (from "
                                           f"{image.source.get('location')})", image=name)
                 return image
+            if not entry.downloadable:
+                raise errors.ImageError(f"image {name!r} is built from a recipe, not "
+                                        f"downloaded: run 'vmctl image build {name}'",
+                                        image=name)
             if not entry.derived:
                 return await self._download_entry(entry, sha256, progress)
             async with self._locks[entry.base]:     # derived -> base lock order only
@@ -356,6 +361,37 @@ class ImageStore:
             return self._commit(stage, image)
         finally:
             await self._discard(stage)
+
+    # --- built images (builder.py) ----------------------------------------------------
+
+    async def add_built(self, name: str, disk: Path, extra: dict[str, Path], *,
+                        description: str, source: dict[str, Any], replace: bool) -> Image:
+        """Move a built qcow2 ``disk`` (on the store's file system) and the ``extra``
+        files ``{name in the image dir: path}`` (recipe, build log) into the store;
+        with ``replace`` an existing image of that name is swapped out."""
+        check_image_name(name)
+        async with self._locks[name]:
+            if self.exists(name) and not replace:
+                raise errors.Conflict(f"image {name!r} already exists", image=name)
+            stage = self._stage()
+            try:
+                info = await self._check_disk(disk, "qcow2")
+                os.rename(disk, stage / "disk.qcow2")
+                got = await asyncio.to_thread(sha256_file, stage / "disk.qcow2")
+                for fname, src in extra.items():
+                    await asyncio.to_thread(shutil.copyfile, src, stage / fname)
+                image = Image(name=name, format="qcow2", path=stage / "disk.qcow2",
+                              virtual_size=info["virtual-size"],
+                              actual_size=os.path.getsize(stage / "disk.qcow2"),
+                              sha256=got, description=description, source=source,
+                              created=_now())
+                if self.exists(name):
+                    trash = self._stage()
+                    os.rename(self.root / name, trash / name)
+                    await self._discard(trash)
+                return self._commit(stage, image)
+            finally:
+                await self._discard(stage)
 
     # --- remove --------------------------------------------------------------------
 

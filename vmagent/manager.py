@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 from . import __version__, disks, seed
 from . import argv as qargv
 from .accel import AccelChoice, choose, qemu_version
+from .buildjobs import Builds
 from .catalog import Catalog
 from .errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailure
 from .images import Image, ImageStore
@@ -59,6 +60,7 @@ class Manager(TemplateOps):
         self.settings = settings
         self.store = Store(settings.state_dir)
         self.images = ImageStore(settings.state_dir / "images", settings.catalog)
+        self.builds = Builds(settings.state_dir, self.images, settings.catalog)
         self.vms: dict[str, VM] = {}
         self.accel: AccelChoice | None = None
         self.qemu_version = qemu_version(settings.qemu_binary)
@@ -458,10 +460,20 @@ class Manager(TemplateOps):
         return (await self.images.pull(image, url=url, sha256=sha256)).to_json()
 
     async def op_image_remove(self, image: str) -> dict:
-        users = [n for n, v in self.vms.items() if v.rec.spec.image == image]
-        users += self.templates_of_image(image)
-        await self.images.remove(image, users)
+        await self.images.remove(image, self._image_users(image))
         return {"deleted": image}
+
+    def _image_users(self, image: str) -> list[str]:
+        users = [n for n, v in self.vms.items() if v.rec.spec.image == image]
+        return users + self.templates_of_image(image)
+
+    async def op_image_build(self, image: str, replace: Any = False) -> dict:
+        """Start baking ``image`` from its catalog recipe (buildjobs.py, builder.py)."""
+        return await self.builds.start(image, _flag(replace, "replace"),
+                                       lambda: self._image_users(image))
+
+    async def op_image_build_status(self, image: str) -> dict:
+        return self.builds.status(image)
 
 
 def _flag(value: Any, what: str) -> bool:

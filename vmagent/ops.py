@@ -93,6 +93,12 @@ OPERATIONS: tuple[Operation, ...] = (
               params=("url", "sha256")),
     Operation("image_remove", "DELETE", "/images/{image}",
               "Remove an image no VM uses"),
+    # image builds (buildjobs.py): a background job, one at a time; poll its status
+    Operation("image_build", "POST", "/images/{image}/build",
+              "Start building an image from its catalog recipe (debootstrap from the "
+              "package mirror); returns the job", params=("replace",)),
+    Operation("image_build_status", "GET", "/images/{image}/build",
+              "The image's latest build: state, steps with durations, log tail, result"),
     # templates (templates.py): a booted guest's saved state; create with template=T
     # warm-starts a clone from it
     Operation("template_create", "POST", "/templates",
