@@ -314,6 +314,7 @@ class Builder:
         for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7),
                                    ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)):
             os.mknod(dev / name, 0o20666, os.makedev(major, minor))
+            os.chmod(dev / name, 0o666)          # not the umask's 0644: apt drops to _apt
         for loopdev in (self.loop_disk, self.loop_part):
             st = os.stat(loopdev)
             os.mknod(dev / Path(loopdev).name, 0o60660, st.st_rdev)

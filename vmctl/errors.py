@@ -35,6 +35,7 @@ EXIT_CODES = {
     "unreachable": UNREACHABLE,
     "config": GENERIC,
     "ssh_failed": GENERIC,
+    "build_failed": GENERIC,
 }
 
 

@@ -146,7 +146,9 @@ def image_table(images: Iterable[dict], catalog: Iterable[dict]) -> Table:
     for entry in catalog:
         if entry.get("name") in have:
             continue
-        table.add_row(entry.get("name", "?"), "[dim]pullable[/]", str(entry.get("format")
-                      or "-"), "-", str(entry.get("boot") or "-"),
+        how = [w for w, ok in (("pullable", "url" in entry or "base" in entry),
+                                ("buildable", "build" in entry)) if ok]
+        table.add_row(entry.get("name", "?"), f"[dim]{', '.join(how) or '-'}[/]",
+                      str(entry.get("format") or "-"), "-", str(entry.get("boot") or "-"),
                       entry.get("description") or "")
     return table

@@ -1,4 +1,4 @@
-"""``vmctl image list | import | pull | rm``."""
+"""``vmctl image list | import | pull | build | rm``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import click
 
 from .. import output
+from ..buildprogress import BuildProgress, follow
 from ..errors import CLIError
 from ..main import App, pass_app
 from .common import complete_image, confirm, image_name
@@ -33,7 +34,7 @@ def _agent_path(app: App, path: str | None, what: str) -> str | None:
 def register(cli: click.Group) -> None:
     @cli.group()
     def image() -> None:
-        """Images: list, import, pull, remove."""
+        """Images: list, import, pull, build, remove."""
 
     @image.command("list")
     @pass_app
@@ -78,6 +79,36 @@ def register(cli: click.Group) -> None:
         app.out.info(f"pulling {name} (this can take a while)...")
         doc = app.call("image_pull", image=image_name(name), url=url, sha256=sha256)
         app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
+
+    @image.command()
+    @click.argument("name", shell_complete=complete_image)
+    @click.option("--replace", is_flag=True,
+                  help="Replace the image if it is in the store (refused while VMs use it).")
+    @click.option("--wait/--no-wait", default=True,
+                  help="Follow the build until it ends (default), or return once it runs.")
+    @click.option("--timeout", type=click.FloatRange(1), default=7200, show_default=True,
+                  help="Seconds to follow the build.")
+    @pass_app
+    def build(app: App, name: str, replace: bool, wait: bool, timeout: float) -> None:
+        """Build an image from its catalog recipe on the agent's host.
+
+        debootstrap from the distribution's package mirror, a partitioned disk with
+        GRUB, compressed qcow2, into the store. Takes minutes; shows the steps live.
+        Running it again while the build runs follows that build.
+        """
+        name = image_name(name)
+        doc = app.call("image_build", image=name, replace=replace or None)
+        if wait:
+            with BuildProgress(name, enabled=not app.quiet) as progress:
+                doc = follow(app.call, name, progress, timeout=timeout)
+        res = doc.get("result") or {}
+        human = (f"image [bold]{name}[/] built in {doc.get('seconds', 0):.0f}s: "
+                 f"{output.human_size(res.get('actual_size'))} qcow2, "
+                 f"{output.size(res.get('virtual_size'))} disk, sha256 {res.get('sha256')}"
+                 if doc.get("state") == "done" else
+                 f"building image {name} (step {doc.get('step')}); follow it with "
+                 f"'vmctl image build {name}'")
+        app.out.emit(doc, human, quiet=name)
 
     @image.command("rm")
     @click.argument("name", shell_complete=complete_image)

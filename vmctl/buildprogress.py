@@ -1,0 +1,106 @@
+"""``vmctl image build``: follow a build job of the agent with a live display of its steps.
+
+The agent runs the build in the background (``image_build``); this polls
+``image_build_status`` once a second. On a terminal the display is a rich Live on stderr
+(steps with their durations, the current step with a spinner, the last log line);
+otherwise one line per finished step on stderr; nothing with ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from typing import Any, Callable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from .errors import CLIError, WaitTimeout
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class BuildProgress:
+    def __init__(self, image: str, *, enabled: bool = True, live: bool | None = None) -> None:
+        self.image = image
+        self.enabled = enabled
+        self.console = Console(file=sys.stderr, highlight=False)
+        self.live_mode = enabled and (self.console.is_terminal if live is None else live)
+        self.doc: dict[str, Any] = {}
+        self.printed: set[str] = set()
+        self._live: Live | None = None
+
+    def __enter__(self) -> "BuildProgress":
+        if self.live_mode:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=8)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.update(self._render(final=True))
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def update(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        if self._live is not None:
+            self._live.update(self._render())
+        elif self.enabled:
+            for step in doc.get("steps", []):
+                if step["state"] != "running" and step["name"] not in self.printed:
+                    self.printed.add(step["name"])
+                    self.console.print(f"{self.image}: {step['name']:<12} "
+                                       f"{step['state']:<7} {step['seconds']:7.1f}s")
+
+    def _render(self, final: bool = False) -> Any:
+        doc = self.doc
+        steps = {s["name"]: s for s in doc.get("steps", [])}
+        table = Table.grid(padding=(0, 2))
+        table.add_column(width=2)
+        table.add_column()
+        table.add_column(justify="right")
+        for name in doc.get("all_steps") or list(steps):
+            s = steps.get(name)
+            if s is None:
+                table.add_row(" ", f"[dim]{name}[/]", "")
+            elif s["state"] == "running" and not final:
+                table.add_row(Spinner("dots"), f"[bold]{name}[/]", f"{s['seconds']:.1f}s")
+            elif s["state"] == "failed" or s["state"] == "running":
+                table.add_row("[red]✗[/]", f"[red]{name}[/]", f"{s['seconds']:.1f}s")
+            else:
+                table.add_row("[green]✓[/]", name, f"{s['seconds']:.1f}s")
+        total = f"  {doc.get('seconds', 0):.0f}s" if doc else ""
+        parts: list[Any] = [Text(f"building {self.image}{total}", style="bold"), table]
+        lines = [ln for ln in (_ANSI.sub("", x).strip()
+                               for x in (doc.get("log_tail") or "").splitlines()) if ln]
+        if lines and not final:
+            parts.append(Text(f"  {lines[-1][:160]}", style="dim", overflow="ellipsis",
+                              no_wrap=True))
+        return Group(*parts)
+
+
+def follow(call: Callable[..., dict], image: str, progress: BuildProgress, *,
+           timeout: float, poll: float = 1.0) -> dict:
+    """Poll the build of ``image`` until it ends; return its last status, or raise a
+    ``build_failed`` error naming the step and ending with the tail of the build log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = call("image_build_status", image=image)
+        progress.update(doc)
+        if doc.get("state") == "done":
+            return doc
+        if doc.get("state") == "failed":
+            tail = (doc.get("log_tail") or "").rstrip()
+            raise CLIError(f"build of {image} failed at step {doc.get('failed_step')}: "
+                           f"{doc.get('error')}\n--- last lines of {doc.get('log')} ---\n"
+                           f"{tail}", "build_failed", details={"build": doc})
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"the build of {image} did not finish within {timeout:g}s "
+                              f"(now at step {doc.get('step')}); it goes on: follow it "
+                              f"again with 'vmctl image build {image}'")
+        time.sleep(poll)
