@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import pwd
 import signal
 import subprocess
 import time
@@ -21,10 +22,10 @@ import pytest
 from agent_helpers import AgentProcess, keypair, require_test_image, ssh_retry
 from vmagent import ops
 from vmagent.errors import ImageError, NotFound
+from vmagent.reidentify import console_key_block, host_keys, reidentify_argv, \
+    reidentify_files
 from vmagent.spec import VMSpec
-from vmagent.templates import (STATE_FILE, TEMPLATE_FILE, Template, TemplateStore,
-                               console_key_block, host_keys, reidentify_files,
-                               reidentify_script)
+from vmagent.templates import STATE_FILE, TEMPLATE_FILE, Template, TemplateStore
 
 # --- unit -------------------------------------------------------------------------------
 
@@ -76,26 +77,86 @@ def test_remove_keeps_the_disk_while_clones_use_it(tmp_path):
     assert not tpl.path.exists()
 
 
-def test_reidentify_script_sets_identity_and_only_this_vms_keys():
+def _guest_root(tmp_path: Path) -> Path:
+    """A directory laid out like the template guest's files that the program touches."""
+    root = tmp_path / "guest"
+    for d in ("etc/ssh/sshd_config.d", "etc/sudoers.d", "root/.ssh", "home/nobody/.ssh",
+              "home/olduser/.ssh", "proc/sys/kernel", "var/lib/dbus"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/ssh/ssh_host_rsa_key").write_text("template's key")
+    (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text("template's key")
+    (root / "root/.ssh/authorized_keys").write_text("ssh-ed25519 AAAA creator\n")
+    (root / "home/olduser/.ssh/authorized_keys").write_text("ssh-ed25519 AAAA creator\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 tpl1 tpl1\n")
+    (root / "etc/machine-id").write_text("template\n")
+    (root / "var/lib/dbus/machine-id").write_text("template\n")
+    (root / "proc/sys/kernel/hostname").write_text("tpl1\n")
+    return root
+
+
+def test_reidentify_program_gives_the_clone_its_identity_and_only_its_keys(tmp_path):
     keys = host_keys("root@c1")
     assert set(keys) == {"ed25519", "ecdsa"}
-    spec = VMSpec(name="c1", admins=["alice"], ssh_keys=["ssh-ed25519 AAAA alice@x"])
-    script = reidentify_script("c1", spec, keys, "ab" * 16, 1764000000.5, b"r" * 64,
-                               ["dev"])
-    assert "echo c1 > /proc/sys/kernel/hostname" in script
-    assert "1764000000, 500000" in script        # settimeofday(2) from the host's clock
-    assert ": > \"$f\"" in script          # every old authorized_keys is emptied
-    assert "useradd -m -s /bin/bash -G adm,sudo alice" in script
-    assert "rm -f /etc/ssh/ssh_host_*" in script
+    # "nobody" exists on the host running the test; in a guest it is an admin user
+    spec = VMSpec(name="c1", admins=["nobody"], ssh_keys=["ssh-ed25519 AAAA owner@x"])
+    root = _guest_root(tmp_path)
+    args = reidentify_argv("c1", spec, keys, "ab" * 16, 1764000000.5, b"r" * 64,
+                           ["nobody"], root=str(root))
+    res = subprocess.run(["perl", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "reidentified" in res.stdout and "T " in res.stdout
+    assert (root / "proc/sys/kernel/hostname").read_text() == "c1\n"
+    assert (root / "etc/hostname").read_text() == "c1\n"
+    assert (root / "etc/hosts").read_text() == "127.0.0.1 localhost\n127.0.1.1 c1 c1\n"
+    assert (root / "etc/machine-id").read_text() == "ab" * 16 + "\n"
+    assert (root / "var/lib/dbus/machine-id").read_text() == "ab" * 16 + "\n"
+    # the template's host keys are gone, the clone's are in place with their modes
+    assert sorted(p.name for p in (root / "etc/ssh").glob("ssh_host_*")) == [
+        "ssh_host_ecdsa_key", "ssh_host_ecdsa_key.pub", "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub"]
+    priv = root / "etc/ssh/ssh_host_ed25519_key"
+    assert priv.read_text() == keys["ed25519"][0] and priv.stat().st_mode & 0o777 == 0o600
+    assert "HostKey /etc/ssh/ssh_host_ed25519_key" in \
+        (root / "etc/ssh/sshd_config.d/05-vmagent-hostkeys.conf").read_text()
+    # only this VM's keys grant access: the creator's are emptied everywhere
+    ak = root / "home/nobody/.ssh/authorized_keys"
+    assert ak.read_text() == "ssh-ed25519 AAAA owner@x\n"
+    assert ak.stat().st_mode & 0o777 == 0o600 and ak.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert (root / "home/nobody/.ssh").stat().st_mode & 0o777 == 0o700
+    assert (root / "root/.ssh/authorized_keys").read_text() == ""
+    assert (root / "home/olduser/.ssh/authorized_keys").read_text() == ""
+    assert (root / "etc/sudoers.d/90-vmagent-nobody").stat().st_mode & 0o777 == 0o440
+    assert not list(root.rglob("*.vmagent-new"))
     files = reidentify_files("c1", spec, keys, "ab" * 16)
-    assert files["/etc/machine-id"] == (b"abababababababababababababababab\n", 0o444, "root")
-    assert files["/home/alice/.ssh/authorized_keys"] == (b"ssh-ed25519 AAAA alice@x\n",
-                                                         0o600, "alice")
-    assert files["/etc/ssh/ssh_host_ed25519_key"][1:] == (0o600, "root")
-    # the script is valid sh
-    subprocess.run(["sh", "-n", "-c", script], check=True)
+    assert list(files).index("/home/nobody/.ssh") < \
+        list(files).index("/home/nobody/.ssh/authorized_keys")
     block = console_key_block(keys).decode()
     assert "-----BEGIN SSH HOST KEY KEYS-----" in block and "ssh-ed25519 " in block
+
+
+def test_host_keys_are_valid_openssh_keys(tmp_path):
+    keys = host_keys("root@c1")
+    for kind, (private, public) in keys.items():
+        path = tmp_path / kind
+        path.write_text(private)
+        path.chmod(0o600)
+        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], check=True,
+                                 capture_output=True, text=True).stdout.split()[:2]
+        assert derived == public.split()[:2] and public.endswith(" root@c1")
+    assert keys["ed25519"][1].startswith("ssh-ed25519 ")
+    assert keys["ecdsa"][1].startswith("ecdsa-sha2-nistp256 ")
+    assert host_keys("x")["ed25519"][1] != keys["ed25519"][1]
+
+
+def test_reidentify_program_creates_missing_admins_and_sets_the_clock():
+    spec = VMSpec(name="c1", admins=["dev", "alice"], ssh_keys=["ssh-ed25519 AAAA a@x"])
+    args = reidentify_argv("c1", spec, host_keys("x"), "ab" * 16, 1764000000.5, b"r" * 2,
+                           ["dev"])
+    i = args.index("--")
+    assert args[i + 1:i + 8] == ["/", "c1", "1764000000", "500000", "7272",
+                                 "adm,sudo", "alice"]
+    # the program is valid perl
+    subprocess.run(["perl", "-c", "-e", args[1]], check=True, capture_output=True)
 
 
 def test_operations_are_in_the_table():

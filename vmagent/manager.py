@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from . import __version__, disks, seed
 from . import argv as qargv
@@ -30,8 +30,9 @@ from .catalog import Catalog
 from .errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailure
 from .images import Image, ImageStore
 from .spec import Defaults, VMSpec, apply_defaults, check_name
+from .spec import parse_flag as _flag, parse_timeout as _timeout
 from .store import State, Store, VMRecord, Runtime, now_iso
-from .templates import TemplateOps
+from .warm import TemplateOps
 from .vm import VM
 from .watch import vm_status
 
@@ -190,20 +191,37 @@ class Manager(TemplateOps):
         image = await self._image_for(spec.image or self.settings.defaults.image,
                                       pull=not dry_run)
         spec = apply_defaults(spec, self.settings.defaults, image.virtual_size)
-        rt = Runtime(state=State.STOPPED, mac=_random_mac(), vmgenid=str(uuid.uuid4()),
-                     instance_id=seed.new_instance_id(spec.name), created=now_iso(),
-                     ssh_port=self._free_port())
+        rt = self._new_runtime(spec.name)
         files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config)
         if dry_run:
-            rec = VMRecord(spec.name, self.store.run_dir(spec.name), spec, rt)
-            return {"dry_run": True, "spec": spec.to_dict(), "image": image.name,
-                    "argv": self._argv(rec, image),
-                    "seed": {k: v.decode() for k, v in files.items()}}
+            return self._dry_run(spec, rt, image, files)
+        rec = await self._stage(spec, rt, image.path, image.format, files)
+        vm = await self._add(rec, start)
+        return vm_status(vm)
+
+    def _new_runtime(self, name: str, mac: str | None = None) -> Runtime:
+        return Runtime(state=State.STOPPED, mac=mac or _random_mac(),
+                       vmgenid=str(uuid.uuid4()), instance_id=seed.new_instance_id(name),
+                       created=now_iso(), ssh_port=self._free_port())
+
+    def _dry_run(self, spec: VMSpec, rt: Runtime, image: Image, files: dict[str, bytes],
+                 extra_argv: tuple[str, ...] = (), **more: Any) -> dict:
+        rec = VMRecord(spec.name, self.store.run_dir(spec.name), spec, rt)
+        return {"dry_run": True, "spec": spec.to_dict(), "image": image.name, **more,
+                "argv": self._argv(rec, image) + list(extra_argv),
+                "seed": {k: v.decode() for k, v in files.items()}}
+
+    async def _stage(self, spec: VMSpec, rt: Runtime, base: Path, base_format: str,
+                     files: dict[str, bytes],
+                     extra: Callable[[Path], None] | None = None) -> VMRecord:
+        """Build the run dir (overlay, seed, spec, state; ``extra(dir)`` adds more) in a
+        staging dir that becomes the VM's with one rename; nothing is left on failure."""
         staging = self.store.new_dir(spec.name)
         try:
-            await disks.create_overlay(image.path, image.format, staging / qargv.DISK,
-                                       spec.disk)
+            await disks.create_overlay(base, base_format, staging / qargv.DISK, spec.disk)
             seed.write_seed_iso(staging / qargv.SEED, files)
+            if extra is not None:
+                extra(staging)
             rec = VMRecord(spec.name, staging, spec, rt)
             self.store.save_spec(rec)
             self.store.save_state(rec)
@@ -211,19 +229,23 @@ class Manager(TemplateOps):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        vm = self.vms[spec.name] = VM(rec)
-        vm.lock = self._name_locks.pop(spec.name, vm.lock)
+        return rec
+
+    async def _add(self, rec: VMRecord, start: bool = True, **launch: Any) -> VM:
+        """Register a staged VM and start it (``launch``: arguments of ``_launch``). A VM
+        that cannot start is not half-created: it is not created at all."""
+        vm = self.vms[rec.name] = VM(rec)
+        vm.lock = self._name_locks.pop(rec.name, vm.lock)
         if start:
             try:
-                await self._launch(vm)
+                await self._launch(vm, **launch)
             except BaseException:
-                # a VM that cannot start is not half-created: it is not created at all
                 with contextlib.suppress(Exception):
                     await vm.quit()
-                del self.vms[spec.name]
-                self.store.remove(spec.name)
+                del self.vms[rec.name]
+                self.store.remove(rec.name)
                 raise
-        return vm_status(vm)
+        return vm
 
     async def _image_for(self, name: str, pull: bool) -> Image:
         if pull and not self.images.exists(name) and name in self.images.catalog:
@@ -474,27 +496,6 @@ class Manager(TemplateOps):
 
     async def op_image_build_status(self, image: str) -> dict:
         return self.builds.status(image)
-
-
-def _flag(value: Any, what: str) -> bool:
-    """A JSON boolean (or "true"/"false" from a query string); anything else is refused."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise BadRequest(f"{what}: expected true or false, got {value!r}")
-
-
-def _timeout(value: Any, default: float) -> float:
-    if value in (None, ""):
-        return default
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"timeout: expected seconds, got {value!r}") from None
-    if not 0 < t <= 3600:
-        raise BadRequest("timeout: must be between 0 and 3600 seconds")
-    return t
 
 
 def _random_mac() -> str:

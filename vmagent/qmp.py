@@ -8,11 +8,12 @@ state dir, a 63-character VM name). :func:`connect_unix` connects through the ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
@@ -103,12 +104,10 @@ class Monitor:
         await self.close()
 
 
-async def guest_agent_call(path: Path, name: str, command: str,
-                           arguments: dict[str, Any] | None = None, *,
-                           timeout: float = 5.0, no_reply: bool = False) -> Any:
-    """One guest-agent command on a fresh connection, after a ``guest-sync`` so that a
-    stale reply from an earlier, timed-out call cannot be taken for this one.
-    ``no_reply``: the command answers nothing on success (guest-shutdown)."""
+@contextlib.asynccontextmanager
+async def guest_agent(path: Path, name: str, timeout: float = 5.0) -> AsyncIterator[Monitor]:
+    """A connection to the guest agent, after a ``guest-sync`` so that a stale reply from
+    an earlier, timed-out call cannot be taken for one of this connection's."""
     mon = Monitor(path, f"{name}/qga", guest_agent=True, timeout=timeout)
     await mon.connect()
     try:
@@ -116,6 +115,17 @@ async def guest_agent_call(path: Path, name: str, command: str,
         got = await mon.execute("guest-sync", {"id": token}, timeout)
         if got != token:
             raise QMPFailure(f"{name}: guest agent out of sync")
+        yield mon
+    finally:
+        await mon.close()
+
+
+async def guest_agent_call(path: Path, name: str, command: str,
+                           arguments: dict[str, Any] | None = None, *,
+                           timeout: float = 5.0, no_reply: bool = False) -> Any:
+    """One guest-agent command on a fresh connection (see :func:`guest_agent`).
+    ``no_reply``: the command answers nothing on success (guest-shutdown)."""
+    async with guest_agent(path, name, timeout) as mon:
         if no_reply:
             try:
                 await mon.execute(command, arguments, timeout)
@@ -123,5 +133,3 @@ async def guest_agent_call(path: Path, name: str, command: str,
                 pass
             return None
         return await mon.execute(command, arguments, timeout)
-    finally:
-        await mon.close()

@@ -294,3 +294,25 @@ def apply_defaults(spec: VMSpec, defaults: Defaults = Defaults(),
                          f"{out.image!r} ({format_size(base_size)}); a disk can only grow")
     out.check_allocation()
     return out
+
+
+def parse_flag(value: Any, what: str) -> bool:
+    """A JSON boolean (or "true"/"false" from a query string); anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise BadRequest(f"{what}: expected true or false, got {value!r}")
+
+
+def parse_timeout(value: Any, default: float) -> float:
+    """Seconds (0 < t <= 3600) or ``default`` when not given."""
+    if value in (None, ""):
+        return default
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"timeout: expected seconds, got {value!r}") from None
+    if not 0 < t <= 3600:
+        raise BadRequest("timeout: must be between 0 and 3600 seconds")
+    return t
