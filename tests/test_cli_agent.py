@@ -205,3 +205,17 @@ def test_vmctl_agent_port_number(run, agent, monkeypatch):
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["state_dir"] == str(agent.state_dir)
     assert TOKEN not in result.stdout
+
+
+def test_template_create_failure_names_the_step_and_leaves_nothing(local, agent):
+    result = local("template", "create", "tfail", "--image", "no-such-image")
+    assert result.exit_code == 3, result.stderr
+    assert "no-such-image" in result.stderr
+    leftovers = [p.name for p in (agent.state_dir / "templates").iterdir()
+                 if p.name.startswith(".new-") or p.name == "tfail"]
+    assert leftovers == []
+    assert "tfail" not in local("-q", "template", "list").stdout.split()
+    # the failed build's steps stay visible for a moment
+    doc = json.loads(local("--json", "template", "show", "tfail").stdout)
+    assert doc["state"] == "failed" and doc["step"] == "image"
+    assert doc["steps"] == [{"name": "image", "state": "failed", "seconds": doc["steps"][0]["seconds"]}]

@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,57 @@ class TemplateStore:
         return sorted(p.name for p in self.root.iterdir()
                       if not p.name.startswith(".") and p.is_dir()
                       and not (p / TEMPLATE_FILE).exists())
+
+
+BUILD_STEPS = ("image", "disk", "boot", "quiesce", "save", "freeze")
+
+
+class BuildSteps:
+    """The steps of a template being built, for ``template_show`` while it runs (the same
+    shape as an image build's status: vmctl shows both with one display)."""
+
+    def __init__(self, name: str, console_log: Path) -> None:
+        self.name, self.console_log = name, console_log
+        self.t0 = time.monotonic()
+        self.steps: list[dict[str, Any]] = []
+        self.error: str | None = None
+        self._tail = ""
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        if self.steps and self.steps[-1]["state"] == "running":
+            self.steps[-1].update(state="done", end=now)
+        self.steps.append({"name": name, "state": "running", "start": now})
+
+    def fail(self, error: str) -> None:
+        """The build failed (the first call counts); the console's tail is kept, since
+        the staging dir with the log is removed next."""
+        if self.error is not None:
+            return
+        self._tail = self._read_tail()
+        if self.steps and self.steps[-1]["state"] == "running":
+            self.steps[-1].update(state="failed", end=time.monotonic())
+        self.error = error
+
+    def _read_tail(self) -> str:
+        try:
+            with open(self.console_log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        tail = self._tail if self.error is not None else self._read_tail()
+        current = self.steps[-1]["name"] if self.steps else None
+        return {"name": self.name, "state": "failed" if self.error else "building",
+                "step": current, "all_steps": list(BUILD_STEPS), "error": self.error,
+                "seconds": round(now - self.t0, 1), "log": str(self.console_log),
+                "log_tail": tail,
+                "steps": [{"name": s["name"], "state": s["state"],
+                           "seconds": round(s.get("end", now) - s["start"], 1)}
+                          for s in self.steps]}
 
 
 def rmtree_readonly(path: Path) -> None:

@@ -26,7 +26,7 @@ from .reidentify import FORGET_KEYS_SH, HOST_KEY_TYPES, console_key_block, host_
 from .spec import VMSpec, apply_defaults, check_name, format_size, parse_flag, \
     parse_timeout
 from .store import VMRecord, now_iso
-from .templates import (CLONE_MARKER, STATE_FILE, Template, TemplateStore,
+from .templates import (CLONE_MARKER, STATE_FILE, BuildSteps, Template, TemplateStore,
                         rmtree_readonly)
 from .vm import VM, ssh_banner
 from .watch import vm_status
@@ -97,7 +97,15 @@ class TemplateOps:
                                if k != "argv"} for t in self.templates.list()]}
 
     async def op_template_show(self: "Manager", template: str) -> dict:  # type: ignore[misc]
+        """A template; while it is being built (or just failed), its build steps."""
+        building = self._tpl_building.get(template)
+        if building is not None and not self.templates.exists(template):
+            return building.status()
         return self._template_json(self.templates.get(template))
+
+    @property
+    def _tpl_building(self: "Manager") -> dict[str, BuildSteps]:  # type: ignore[misc]
+        return self.__dict__.setdefault("_tpl_building_map", {})
 
     async def op_template_remove(self: "Manager", template: str,  # type: ignore[misc]
                                  force: Any = False) -> dict:
@@ -133,26 +141,42 @@ class TemplateOps:
                                self.templates.exists(template) else
                                f"the disk of a removed template {template!r} is still used "
                                f"by VM(s) {', '.join(self.template_users(template))}")
-            return await self._build_template(spec, limit)
+            steps = self._tpl_building[template] = BuildSteps(
+                template, self.templates.root / f".console-{template}.log")
+            try:
+                return await self._build_template(spec, limit, steps)
+            except BaseException as e:
+                steps.fail(str(getattr(e, "message", e)) or type(e).__name__)
+                raise
+            finally:
+                # a failed build's steps stay visible for a minute (vmctl shows them)
+                asyncio.get_running_loop().call_later(
+                    60, lambda: self._tpl_building.get(template) is steps
+                    and self._tpl_building.pop(template))
 
     async def _build_template(self: "Manager", spec: VMSpec,  # type: ignore[misc]
-                              limit: float) -> dict:
+                              limit: float, steps: BuildSteps) -> dict:
         t0 = time.monotonic()
+        steps.step("image")
         img = await self._image_for(spec.image or self.settings.defaults.image, pull=True)
         spec = apply_defaults(spec, self.settings.defaults, img.virtual_size)
         rt = self._new_runtime(spec.name)
         staging = self.templates.new_dir(spec.name)
+        steps.console_log = staging / qargv.CONSOLE_LOG
         vm: VM | None = None
         try:
+            steps.step("disk")
             await disks.create_overlay(img.path, img.format, staging / qargv.DISK, spec.disk)
             seed.write_seed_iso(staging / qargv.SEED, seed.render_seed(
                 spec, rt.instance_id, rt.mac, img.cloud_config))
             vm = VM(VMRecord(spec.name, staging, spec, rt))
+            steps.step("boot")
             await self._launch(vm)
             log.info("template %s: booting from %s (pid %s)", spec.name, img.name,
                      vm.machine.pid())
             await self._wait_booted(vm, t0 + limit)
             booted = time.monotonic()
+            steps.step("quiesce")
             qga = staging / qargv.QGA_SOCK
             await wait_guest_agent(qga, spec.name, GUEST_AGENT_WAIT)
             code, out = await guest_exec(qga, spec.name, "/bin/sh", ["-c", FORGET_KEYS_SH],
@@ -160,8 +184,10 @@ class TemplateOps:
             if code != 0:
                 raise QMPFailure(f"template {spec.name}: clearing authorized_keys and "
                                  f"syncing in the guest failed: {out}")
+            steps.step("save")
             size, digest = await self._save_state(vm, staging / STATE_FILE)
             saved = time.monotonic()
+            steps.step("freeze")
             await vm.quit()
             for f in (qargv.DISK, STATE_FILE):
                 os.chmod(staging / f, 0o444)
@@ -180,7 +206,8 @@ class TemplateOps:
             self.templates.save(tpl, staging)
             tpl.path = self.templates.commit(staging, spec.name)
             self.templates.mark_verified(tpl)
-        except BaseException:
+        except BaseException as e:
+            steps.fail(str(getattr(e, "message", e)) or type(e).__name__)
             if vm is not None:
                 with contextlib.suppress(Exception):
                     if vm.machine.alive():

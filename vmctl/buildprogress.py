@@ -25,8 +25,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class BuildProgress:
-    def __init__(self, image: str, *, enabled: bool = True, live: bool | None = None) -> None:
+    def __init__(self, image: str, *, enabled: bool = True, live: bool | None = None,
+                 title: str | None = None) -> None:
         self.image = image
+        self.title = title or f"building {image}"
         self.enabled = enabled
         self.console = Console(file=sys.stderr, highlight=False)
         self.live_mode = enabled and (self.console.is_terminal if live is None else live)
@@ -75,7 +77,7 @@ class BuildProgress:
             else:
                 table.add_row("[green]✓[/]", name, f"{s['seconds']:.1f}s")
         total = f"  {doc.get('seconds', 0):.0f}s" if doc else ""
-        parts: list[Any] = [Text(f"building {self.image}{total}", style="bold"), table]
+        parts: list[Any] = [Text(f"{self.title}{total}", style="bold"), table]
         lines = [ln for ln in (_ANSI.sub("", x).strip()
                                for x in (doc.get("log_tail") or "").splitlines()) if ln]
         if lines and not final:

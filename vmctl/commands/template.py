@@ -5,12 +5,15 @@ A VM is warm-started from a template with ``vmctl create NAME --template T``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import click
 from rich.table import Table
 
 from .. import keys, output
+from ..buildprogress import BuildProgress
+from ..errors import CLIError
 from ..main import App, pass_app
 from .common import complete_image, confirm, image_name, size_arg, vm_name
 
@@ -53,6 +56,45 @@ def _details(t: dict) -> Table:
     return table
 
 
+def _create_with_progress(app: App, template: str, params: dict, timeout: float) -> dict:
+    """``template_create`` is one long call (boot, cloud-init, save): it runs in a thread
+    while the template's build steps and console are shown from ``template_show``."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["doc"] = app.call("template_create", call_timeout=timeout + 120, **params)
+        except BaseException as e:          # handed to the main thread
+            result["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    progress = BuildProgress(template, enabled=not app.quiet and not app.json,
+                             title=f"template {template}")
+    worker.start()
+    with progress:
+        while worker.is_alive() or "error" in result:
+            worker.join(1.0)
+            try:
+                doc = app.call("template_show", template=template)
+            except CLIError:
+                doc = {}                    # not started yet, or a failure before it did
+            if doc.get("state") in ("building", "failed"):
+                progress.update(doc)
+            if not worker.is_alive():
+                break                       # one last look at a failed build's steps
+        if "doc" in result and progress.doc:
+            last = progress.doc
+            names = [st["name"] for st in last.get("steps", [])]
+            steps = [{**st, "state": "done"} for st in last.get("steps", [])] + \
+                [{"name": n, "state": "done", "seconds": 0.0}
+                 for n in last.get("all_steps", []) if n not in names]
+            progress.update({**last, "steps": steps,
+                             "seconds": result["doc"].get("build_seconds", 0)})
+    if "error" in result:
+        raise result["error"]
+    return result["doc"]
+
+
 def register(cli: click.Group) -> None:
     @cli.group()
     def template() -> None:
@@ -92,10 +134,7 @@ def register(cli: click.Group) -> None:
             params["user_data"] = user_data.read()
         if ssh_keys:
             params["ssh_keys"] = [keys.from_file(k).public_text() for k in ssh_keys]
-        if not app.quiet and not app.json:
-            app.out.info(f"building template {template}: booting the image, waiting for "
-                         "cloud-init and SSH, then saving the guest's state...")
-        doc = app.call("template_create", call_timeout=timeout + 120, **params)
+        doc = _create_with_progress(app, template, params, timeout)
         app.out.emit(doc, f"template [bold]{template}[/] saved "
                           f"({output.human_size(doc.get('state_size'))} of state, "
                           f"{doc.get('build_seconds')}s): vmctl create NAME --template "
@@ -117,7 +156,15 @@ def register(cli: click.Group) -> None:
     def show(app: App, template: str) -> None:
         """Show one template."""
         doc = app.call("template_show", template=vm_name(template))
-        app.out.emit(doc, _details(doc), quiet=doc.get("name"))
+        if doc.get("state") == "building":
+            human: Any = (f"template {template} is being built: step {doc.get('step')}, "
+                          f"{doc.get('seconds')}s so far")
+        elif doc.get("state") == "failed":
+            human = (f"the last build of template {template} failed at step "
+                     f"{doc.get('step')}: {doc.get('error')}")
+        else:
+            human = _details(doc)
+        app.out.emit(doc, human, quiet=doc.get("name"))
 
     @template.command("rm")
     @template_argument
