@@ -12,12 +12,14 @@ upgrade takes effect at the next boot.
 Steps (each logged to ``build.log`` with every command and its output): prepare (host
 tools), resolve (the packages against the mirror's lists), disk, debootstrap, packages,
 configure, bootloader, cleanup (no SSH host keys, machine-id, logs, apt lists or cloud-init
-state), convert (compressed qcow2). Downloaded packages are kept in ``cache_dir`` for the
-next build. Mounts and loop devices are released whatever happens (:class:`Mounts`).
+state), convert (compressed qcow2). Downloaded packages and a tarball of the debootstrap
+result are kept in ``cache_dir`` for the next build. Mounts and loop devices are released
+whatever happens (:class:`~vmagent.buildsys.Mounts`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -27,16 +29,18 @@ from pathlib import Path
 from typing import Callable
 
 from . import aptindex
+from .buildsys import ENV, Log, Mounts, StepFailed, mounts_under, release_stale, run, tail
 from .recipes import Recipe
+
+__all__ = ["STEPS", "Builder", "Log", "StepFailed", "mounts_under", "release_stale", "tail"]
 
 STEPS = ("prepare", "resolve", "disk", "debootstrap", "packages", "configure",
          "bootloader", "cleanup", "convert")
+DEBOOTSTRAP_INCLUDE = ("systemd-sysv", "apt-utils")
+BASE_FORMAT = "1"                    # bump when what goes into the base tarball changes
 PART_START = 2048                    # sectors: 1 MiB, room for GRUB's core image
 HOST_TOOLS = {"debootstrap": "debootstrap", "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs",
               "qemu-img": "qemu-utils", "losetup": "mount", "fstrim": "util-linux"}
-ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-       "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "HOME": "/root",
-       "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true"}
 GRUB_DEFAULTS = """\
 # written by the vmagent image builder: boot fast, kernel and GRUB on the serial console
 GRUB_TIMEOUT=1
@@ -51,153 +55,6 @@ BUILD_GRUB_CFG = "/etc/default/grub.d/99-vmagent-build.cfg"
 CLOUD_CFG = "datasource_list: [ NoCloud, None ]\n"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" \
         "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
-
-
-class StepFailed(Exception):
-    """A build step failed: ``step`` names it; the log has the details."""
-
-    def __init__(self, step: str, message: str) -> None:
-        super().__init__(message)
-        self.step = step
-        self.message = message
-
-
-class Log:
-    """The build log: a file every command's output goes to."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.f = open(path, "ab", buffering=0)
-        self.proc: subprocess.Popen | None = None    # the command running now
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """Stop the build: kill the running command; no further step starts."""
-        self.cancelled = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-
-    def write(self, text: str) -> None:
-        self.f.write(text.encode())
-
-    def close(self) -> None:
-        self.f.close()
-
-    def tail(self, lines: int = 40) -> str:
-        return tail(self.path, lines)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
-
-
-def run(log: Log, argv: list[str], *, nice: bool = False, timeout: float = 3600,
-        stdin: str | None = None, capture: bool = False) -> str:
-    """Run a command, its output going to the log as it comes (``capture``: also
-    returned); raise CalledProcessError on a non-zero exit."""
-    log.write(f"$ {shlex.join(argv)}\n")
-    if nice:
-        argv = ["nice", "-n", "10", *argv]
-    t0 = time.monotonic()
-    with subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None
-                          else subprocess.DEVNULL,
-                          stdout=subprocess.PIPE if capture else log.f,
-                          stderr=subprocess.STDOUT, env=ENV) as proc:
-        log.proc = proc
-        try:
-            data, _ = proc.communicate(stdin.encode() if stdin is not None else None,
-                                       timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise
-        finally:
-            log.proc = None
-    out = (data or b"").decode("utf-8", "replace")
-    if capture:
-        log.write(out + ("" if not out or out.endswith("\n") else "\n"))
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, argv, out)
-    log.write(f"# {time.monotonic() - t0:.1f}s\n")
-    return out
-
-
-class Mounts:
-    """Loop devices and mounts of one build, released in reverse order by
-    :meth:`release` (idempotent, keeps going past errors, logs what it did)."""
-
-    def __init__(self, log: Log) -> None:
-        self.log = log
-        self.loops: list[str] = []
-        self.root: Path | None = None       # unmounted recursively
-
-    def loop(self, image: Path, offset: int = 0, size: int | None = None) -> str:
-        argv = ["losetup", "--find", "--show"]
-        if offset:
-            argv += ["--offset", str(offset)]
-        if size:
-            argv += ["--sizelimit", str(size)]
-        dev = run(self.log, [*argv, str(image)], capture=True).strip()
-        self.loops.append(dev)
-        return dev
-
-    def mount(self, argv: list[str], target: Path) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        run(self.log, ["mount", *argv, str(target)])
-
-    def release(self) -> list[str]:
-        problems = []
-        if self.root is not None and os.path.ismount(self.root):
-            for attempt in range(5):
-                try:
-                    run(self.log, ["umount", "--recursive", str(self.root)])
-                    break
-                except subprocess.CalledProcessError:
-                    if attempt == 4:
-                        try:
-                            run(self.log, ["umount", "--recursive", "--lazy",
-                                           str(self.root)])
-                        except subprocess.CalledProcessError:
-                            problems.append(f"umount {self.root} failed (see the log)")
-                    time.sleep(1)
-        for dev in reversed(self.loops):
-            try:
-                run(self.log, ["losetup", "--detach", dev])
-            except subprocess.CalledProcessError:
-                problems.append(f"losetup -d {dev} failed (see the log)")
-        self.loops.clear()
-        return problems
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
-    prefix = str(Path(path).resolve())
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                out.append(point)
-    return out
-
-
-def release_stale(work: Path, log: Log) -> None:
-    """Undo what a build that died (agent killed) left in ``work``: mounts under it
-    and loop devices backed by its disk file."""
-    m = Mounts(log)
-    m.root = work / "root"
-    disk = work / "disk.raw"
-    if disk.exists():
-        out = subprocess.run(["losetup", "--associated", str(disk), "--noheadings",
-                              "--output", "NAME"], capture_output=True, text=True).stdout
-        m.loops = out.split()
-    m.release()
 
 
 class Builder:
@@ -268,7 +125,9 @@ class Builder:
             run(self.log, ["apt-get", "install", "-y", "-q", *missing], nice=True)
         if not Path(self.recipe.keyring).is_file():
             raise StepFailed("prepare", f"the {self.recipe.distribution} archive keyring "
-                             f"{self.recipe.keyring} is not installed on this host")
+                             f"{self.recipe.keyring} is not installed on this host "
+                             "(it comes with the distribution's keyring package, e.g. "
+                             "ubuntu-keyring)")
         for sub in ("debootstrap", "archives/partial", "lists"):
             (self.cache / sub).mkdir(parents=True, exist_ok=True)
         self.log.write(f"recipe: {self.recipe.to_json()}\n")
@@ -297,13 +156,26 @@ class Builder:
         self.mounts.root = self.root
 
     def step_debootstrap(self) -> None:
+        """debootstrap, or unpack the tarball of an earlier one with the same inputs (the
+        packages step dist-upgrades it, so an old tarball still gives a current image)."""
         r = self.recipe
         argv = ["debootstrap", "--variant=minbase", f"--cache-dir={self.cache / 'debootstrap'}",
                 f"--keyring={r.keyring}", f"--components={','.join(r.components)}",
-                "--include=systemd-sysv,apt-utils", r.suite, str(self.root), r.mirror]
+                f"--include={','.join(DEBOOTSTRAP_INCLUDE)}", r.suite, str(self.root),
+                r.mirror]
         if r.debootstrap_script:
             argv.append(f"/usr/share/debootstrap/scripts/{r.debootstrap_script}")
+        key = hashlib.sha256("\0".join(argv[3:] + [BASE_FORMAT]).encode()).hexdigest()[:16]
+        base = self.cache / f"base-{key}.tar"
+        tar = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+        if base.is_file():
+            self.log.write(f"reusing the debootstrap result {base}\n")
+            run(self.log, [*tar, "-C", str(self.root), "-xpf", str(base)], nice=True)
+            return
         run(self.log, argv, nice=True)
+        part = base.with_suffix(".part")
+        run(self.log, [*tar, "-C", str(self.root), "-cf", str(part), "."], nice=True)
+        os.replace(part, base)
 
     def _chroot_mounts(self) -> None:
         m, root = self.mounts, self.root

@@ -170,8 +170,10 @@ class Builds:
         job.log = builder.Log(job.log_path)
         job.save()
         self.jobs[image] = job
-        job.task = asyncio.create_task(self._run(job, recipe, entry.description, replace,
-                                                 users))
+        # an entry that is also downloadable describes the download, not this build
+        description = (f"{recipe.distribution} {recipe.suite} built from {recipe.mirror}"
+                       if entry.downloadable or not entry.description else entry.description)
+        job.task = asyncio.create_task(self._run(job, recipe, description, replace, users))
         return job.to_json()
 
     async def _run(self, job: Job, recipe: Any, description: str, replace: bool,
@@ -200,7 +202,7 @@ class Builds:
             img = await self.images.add_built(
                 job.image, disk, {"recipe.json": job.directory / "recipe.json",
                                   "build.log": job.log_path},
-                description=description or f"built from the {job.image} recipe",
+                description=description,
                 source={"kind": "build", "recipe": job.image, "mirror": recipe.mirror,
                         "suite": recipe.suite, "distribution": recipe.distribution,
                         "build_seconds": round(time.time() - job.started, 1)},
