@@ -39,7 +39,7 @@ class Job:
         self.directory = directory
         self.recipe = recipe
         self.state = "running"            # running | done | failed
-        self.step: str | None = None
+        self.step: str | None = builder.STEPS[0]
         self.steps: list[dict[str, Any]] = []
         self.started = time.time()
         self.finished: float | None = None
@@ -194,6 +194,8 @@ class Builds:
             except asyncio.CancelledError:
                 lg.cancel()              # the builder stops and releases its mounts
                 await asyncio.wait([thread])
+                if not thread.cancelled():
+                    thread.exception()   # retrieved: it is the cancellation we asked for
                 raise
             job.begin("import")
             if replace and users():
