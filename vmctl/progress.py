@@ -165,4 +165,5 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
                 detail += "; cloud-init is still running"
             raise WaitTimeout(f"VM {name!r} was not ready within {timeout:g}s (waiting for: "
                               f"{missing[0] if missing else 'SSH'}){detail}")
-        time.sleep(poll)
+        # once SSH answers, the end of cloud-init is a matter of seconds: look more often
+        time.sleep(min(poll, 0.5) if status.get("ssh_ready") else poll)
