@@ -165,7 +165,11 @@ class Builder:
                 r.mirror]
         if r.debootstrap_script:
             argv.append(f"/usr/share/debootstrap/scripts/{r.debootstrap_script}")
-        key = hashlib.sha256("\0".join(argv[3:] + [BASE_FORMAT]).encode()).hexdigest()[:16]
+        # the inputs of the result, not where it goes: every recipe with the same base
+        # (devel and debian-12) shares one tarball
+        inputs = [a for a in argv[1:] if a != str(self.root) and not a.startswith(
+            "--cache-dir=")] + [BASE_FORMAT]
+        key = hashlib.sha256("\0".join(inputs).encode()).hexdigest()[:16]
         base = self.cache / f"base-{key}.tar"
         tar = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
         if base.is_file():
