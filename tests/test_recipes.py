@@ -181,3 +181,23 @@ def test_an_unknown_package_fails_to_resolve_with_apts_reason(lists):
     with pytest.raises(aptindex.ResolveError, match="Unable to locate package "
                        "no-such-package-xyz"):
         aptindex.simulate(bad, lists)
+
+
+def test_files_are_written_inside_the_image_never_through_a_symlink_out(tmp_path):
+    """A recipe file under /var/run (a symlink to /run in Debian) must not resolve to the
+    build host's /run: the write is refused before anything is created."""
+    from vmagent.builder import Builder, Log, StepFailed
+    recipe = load(tmp_path, r=DEBIAN).get("r").recipe
+    work = tmp_path / "work"
+    outside = tmp_path / "host-run"
+    outside.mkdir()
+    builder = Builder(recipe, work, tmp_path / "cache", Log(tmp_path / "build.log"))
+    (builder.root / "var").mkdir(parents=True)
+    (builder.root / "var" / "run").symlink_to(outside)
+    with pytest.raises(StepFailed) as exc:
+        builder.write("/var/run/x/y.conf", "z\n")
+    assert exc.value.step == "configure" and "symlink out of the image" in str(exc.value)
+    assert list(outside.iterdir()) == []
+    builder.write("/etc/motd", "hello\n", 0o600)
+    assert (builder.root / "etc" / "motd").read_text() == "hello\n"
+    assert (builder.root / "etc" / "motd").stat().st_mode & 0o777 == 0o600

@@ -109,6 +109,11 @@ class Builder:
 
     def write(self, path: str, content: str, mode: int = 0o644) -> None:
         target = self.root / path.lstrip("/")
+        if not target.parent.resolve().is_relative_to(self.root.resolve()):
+            # an absolute symlink in the image (/var/run -> /run) resolves on the host:
+            # checked before anything is created, so nothing is written outside the image
+            raise StepFailed("configure", f"cannot write {path}: a directory on its way "
+                             "is a symlink out of the image; use the real path")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink():
             target.unlink()
