@@ -8,50 +8,31 @@ otherwise one line per finished step on stderr; nothing with ``--quiet``.
 
 from __future__ import annotations
 
-import re
-import sys
 import time
 from typing import Any, Callable
 
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Group
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
 from .errors import CLIError, WaitTimeout
+from .live import LiveDisplay, last_line
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
-
-class BuildProgress:
+class BuildProgress(LiveDisplay):
     def __init__(self, image: str, *, enabled: bool = True, live: bool | None = None,
                  title: str | None = None) -> None:
         self.image = image
         self.title = title or f"building {image}"
-        self.enabled = enabled
-        self.console = Console(file=sys.stderr, highlight=False)
-        self.live_mode = enabled and (self.console.is_terminal if live is None else live)
         self.doc: dict[str, Any] = {}
         self.printed: set[str] = set()
-        self._live: Live | None = None
-
-    def __enter__(self) -> "BuildProgress":
-        if self.live_mode:
-            self._live = Live(self._render(), console=self.console, refresh_per_second=8)
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._live is not None:
-            self._live.update(self._render(final=True))
-            self._live.__exit__(*exc)
-            self._live = None
+        super().__init__(enabled=enabled, live=live)
 
     def update(self, doc: dict[str, Any]) -> None:
         self.doc = doc
         if self._live is not None:
-            self._live.update(self._render())
+            self.refresh()
         elif self.enabled:
             for step in doc.get("steps", []):
                 if step["state"] != "running" and step["name"] not in self.printed:
@@ -78,11 +59,9 @@ class BuildProgress:
                 table.add_row("[green]✓[/]", name, f"{s['seconds']:.1f}s")
         total = f"  {doc.get('seconds', 0):.0f}s" if doc else ""
         parts: list[Any] = [Text(f"{self.title}{total}", style="bold"), table]
-        lines = [ln for ln in (_ANSI.sub("", x).strip()
-                               for x in (doc.get("log_tail") or "").splitlines()) if ln]
-        if lines and not final:
-            parts.append(Text(f"  {lines[-1][:160]}", style="dim", overflow="ellipsis",
-                              no_wrap=True))
+        line = last_line(doc.get("log_tail") or "")
+        if line and not final:
+            parts.append(Text(f"  {line}", style="dim", overflow="ellipsis", no_wrap=True))
         return Group(*parts)
 
 

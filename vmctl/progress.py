@@ -11,51 +11,32 @@ line per milestone on stderr; nothing with ``--quiet``.
 
 from __future__ import annotations
 
-import re
-import sys
 import time
 from typing import Any, Callable
 
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Group
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
 from .errors import CLIError, WaitTimeout
+from .live import LiveDisplay, last_line
 
 PHASES = (("image", "image ready"), ("disk", "disk"), ("seed", "seed"),
           ("qemu", "qemu started"), ("kernel", "kernel booting"),
           ("cloud_init", "cloud-init running"), ("ssh", "SSH ready"))
 CREATE_PHASES = ("image", "disk", "seed", "qemu")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
-class Progress:
+class Progress(LiveDisplay):
     def __init__(self, name: str, *, enabled: bool = True, live: bool | None = None,
                  start: float | None = None) -> None:
         self.name = name
-        self.enabled = enabled
         self.t0 = start if start is not None else time.monotonic()
         self.reached: dict[str, float] = {}
         self.last_line = ""
         self.note = ""
-        self.console = Console(file=sys.stderr, highlight=False)
-        self.live_mode = enabled and (self.console.is_terminal if live is None else live)
-        self._live: Live | None = None
-
-    def __enter__(self) -> "Progress":
-        if self.live_mode:
-            self._live = Live(self._render(), console=self.console, refresh_per_second=8,
-                              transient=False)
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._live is not None:
-            self._live.update(self._render(final=True))
-            self._live.__exit__(*exc)
-            self._live = None
+        super().__init__(enabled=enabled, live=live)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -71,18 +52,14 @@ class Progress:
         self.refresh()
 
     def console_line(self, text: str) -> None:
-        lines = [ln for ln in (_ANSI.sub("", x).strip() for x in text.splitlines()) if ln]
-        if lines:
-            self.last_line = lines[-1][:160]
+        line = last_line(text)
+        if line:
+            self.last_line = line
             self.refresh()
 
     def set_note(self, note: str) -> None:
         self.note = note
         self.refresh()
-
-    def refresh(self) -> None:
-        if self._live is not None:
-            self._live.update(self._render())
 
     def _render(self, final: bool = False) -> Any:
         table = Table.grid(padding=(0, 2))
