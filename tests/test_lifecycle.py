@@ -72,6 +72,15 @@ def test_cloud_init_reported_done(env):
     assert st["boot"]["kernel"] is True
 
 
+def test_cloud_init_accepts_the_agents_user_data(env):
+    """The guest's own cloud-init validates the user-data the agent rendered (the
+    host-side schema test in test_seed.py needs cloud-init on the host)."""
+    res = login(env, "sudo -n cloud-init schema --system")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Valid cloud-config" in res.stdout, res.stdout
+    assert "Error" not in res.stdout + res.stderr
+
+
 def test_snapshot_while_running(env):
     agent = env["agent"]
     doc = agent.ok("POST", f"/vms/{NAME}/snapshots", {"snapshot": "before-reboot"})
