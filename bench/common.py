@@ -298,11 +298,23 @@ class BareVM:
                      for a in doc["argv"]]
         assert not any(agent_dir in a for a in self.argv)
         self.seed = {k: v.encode() for k, v in doc["seed"].items()}
+        self._own_host_keys(name)
         self.disk_size = doc["spec"]["disk"]
         image = next(i for i in agent.ok("GET", "/images")["images"]
                      if i["name"] == doc["image"])
         self.base, self.base_format = image["path"], image["format"]
         self.pid: int | None = None
+
+    def _own_host_keys(self, name: str) -> None:
+        """A dry run shows placeholders where the agent puts the host keys it makes:
+        make real ones (the same way: no key generation in the guest)."""
+        import yaml
+        from vmagent import hostkeys, seed
+        user_data = yaml.safe_load(self.seed["user-data"])
+        if "ssh_keys" in user_data:
+            keys = hostkeys.generate(f"root@{name}")
+            user_data["ssh_keys"] = hostkeys.cloud_config(keys)["ssh_keys"]
+            self.seed["user-data"] = seed.render_user_data(user_data)
 
     def start(self) -> None:
         """What the agent does for a create, by hand: overlay, seed ISO, qemu."""

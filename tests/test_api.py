@@ -560,3 +560,26 @@ def test_stale_socket_of_a_killed_agent_is_replaced(tmp_path):
         assert b.ok("GET", "/vms") == {"vms": []}
     finally:
         assert b.stop() == 0
+
+
+def test_host_keys_made_by_the_agent_are_reported_and_kept_by_push_config(agent):
+    with created(agent, "keys", ssh_keys=[KEY]) as st:
+        run = agent.state / "vms" / "keys"
+        pubs = st["ssh_host_keys"]
+        assert [p.split()[0] for p in pubs] == ["ssh-ed25519", "ecdsa-sha2-nistp256"]
+        assert all(p.endswith(" root@keys") for p in pubs)
+        assert (run / "host_keys.json").stat().st_mode & 0o777 == 0o600
+        ud = yaml.safe_load(vseed.read_seed_iso(run / "seed.iso")["user-data"])
+        assert [ud["ssh_keys"]["ed25519_public"], ud["ssh_keys"]["ecdsa_public"]] == pubs
+        assert agent.ok("GET", "/vms")["vms"][0]["ssh_host_keys"] == pubs
+        # a new instance-id: cloud-init installs the same keys again
+        agent.ok("POST", "/vms/keys/config", {"user_data": "packages: [jq]\n"})
+        ud2 = yaml.safe_load(vseed.read_seed_iso(run / "seed.iso")["user-data"])
+        assert ud2["ssh_keys"] == ud["ssh_keys"]
+        assert agent.ok("GET", "/vms/keys")["ssh_host_keys"] == pubs
+        # user-data that makes its own keys wins; the agent no longer claims to know them
+        agent.ok("POST", "/vms/keys/config", {"user_data": "ssh_genkeytypes: [rsa]\n"})
+        ud3 = yaml.safe_load(vseed.read_seed_iso(run / "seed.iso")["user-data"])
+        assert "ssh_keys" not in ud3 and ud3["ssh_genkeytypes"] == ["rsa"]
+        assert agent.ok("GET", "/vms/keys")["ssh_host_keys"] is None
+        assert not (run / "host_keys.json").exists()

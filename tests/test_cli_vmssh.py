@@ -89,3 +89,17 @@ def test_pin_host_keys_once(tmp_path, monkeypatch):
     assert len(calls) == 1                       # already pinned: no second look-up
     vmssh.forget(target, STATUS)
     assert alias not in vmssh.known_hosts_file().read_text()
+
+
+def test_pin_host_keys_from_the_agents_status_without_the_console(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+
+    def call(op, **params):
+        raise AssertionError(f"the console is not read when the status has the keys: {op}")
+    target = Target(Address("unix", path="/x.sock"), label="local")
+    status = {**STATUS, "ssh_host_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1 root@t1",
+                                          "not a key line", "ecdsa-sha2-nistp256 AAAAE2Vj x"]}
+    assert vmssh.pin_host_keys(call, target, status)
+    alias = vmssh.host_key_alias(target, status)
+    assert vmssh.known_hosts_file().read_text().splitlines() == [
+        f"{alias} ssh-ed25519 AAAAC3NzaC1lZDI1", f"{alias} ecdsa-sha2-nistp256 AAAAE2Vj"]

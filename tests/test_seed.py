@@ -270,3 +270,39 @@ def test_cloud_init_schema():  # pragma: no cover - depends on cloud-init
     from cloudinit.config.schema import get_schema, validate_cloudconfig_schema
     doc = seed.build_user_data(make_spec(), extra={"packages": ["git"]})
     validate_cloudconfig_schema(doc, get_schema(), strict=True)
+
+
+def test_host_keys_the_agent_made_go_into_the_seed_before_the_callers_files(tmp_path):
+    from vmagent import hostkeys
+    spec = make_spec()
+    keys = hostkeys.for_vm(spec.name, None, spec.extra_cloud_config())
+    assert keys is not None and set(keys) == {"ed25519", "ecdsa"}
+    doc = yaml.safe_load(seed.render_seed(spec, "web1-1", MAC, None, keys)["user-data"])
+    assert doc["ssh_keys"] == {"ed25519_private": keys["ed25519"][0],
+                               "ed25519_public": keys["ed25519"][1],
+                               "ecdsa_private": keys["ecdsa"][0],
+                               "ecdsa_public": keys["ecdsa"][1]}
+    assert doc["ssh"] == {"emit_keys_to_console": False}
+    # sshd offers only these types; the caller's write_files follow the generated one
+    assert [f["path"] for f in doc["write_files"]] == [hostkeys.SSHD_CONF, "/etc/motd"]
+    assert doc["write_files"][0]["content"].splitlines()[1:] == [
+        "HostKey /etc/ssh/ssh_host_ed25519_key", "HostKey /etc/ssh/ssh_host_ecdsa_key"]
+    # without keys: nothing about host keys (cloud-init makes its own, prints them)
+    plain = seed.build_user_data(spec)
+    assert not {"ssh_keys", "ssh"} & set(plain)
+    assert [f["path"] for f in plain["write_files"]] == ["/etc/motd"]
+    # kept in the run dir, private to root
+    hostkeys.save(tmp_path, keys)
+    assert hostkeys.load(tmp_path) == keys
+    assert (tmp_path / hostkeys.FILE).stat().st_mode & 0o777 == 0o600
+    assert hostkeys.load(tmp_path / "nowhere") is None
+
+
+@pytest.mark.parametrize("layer", [{"ssh_keys": {"rsa_private": "x", "rsa_public": "y"}},
+                                   {"ssh_genkeytypes": ["rsa"]}])
+def test_a_callers_own_host_key_config_wins(layer):
+    from vmagent import hostkeys
+    spec = VMSpec.from_dict({"name": "web1", "user_data": yaml.safe_dump(layer)})
+    assert hostkeys.for_vm("web1", None, spec.extra_cloud_config()) is None
+    assert hostkeys.for_vm("web1", layer, {}) is None           # the image's
+    assert hostkeys.for_vm("web1", {"packages": ["jq"]}, {}) is not None

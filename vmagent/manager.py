@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from . import __version__, disks, seed
+from . import __version__, disks, hostkeys, seed
 from . import argv as qargv
 from .accel import AccelChoice, choose, qemu_version
 from .buildjobs import Builds
@@ -192,10 +192,14 @@ class Manager(TemplateOps):
                                       pull=not dry_run)
         spec = apply_defaults(spec, self.settings.defaults, image.virtual_size)
         rt = self._new_runtime(spec.name)
-        files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config)
+        keys = hostkeys.for_vm(spec.name, image.cloud_config, spec.extra_cloud_config())
         if dry_run:
+            files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config,
+                                     keys and hostkeys.placeholders())
             return self._dry_run(spec, rt, image, files)
-        rec = await self._stage(spec, rt, image.path, image.format, files)
+        files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config, keys)
+        rec = await self._stage(spec, rt, image.path, image.format, files,
+                                keys and (lambda run_dir: hostkeys.save(run_dir, keys)))
         vm = await self._add(rec, start)
         return vm_status(vm)
 
@@ -281,10 +285,17 @@ class Manager(TemplateOps):
                              f"{old.disk}; a disk can only grow")
         rt = vm.rec.rt
         instance_id = seed.new_instance_id(name)
-        files = seed.render_seed(spec, instance_id, rt.mac, image.cloud_config)
+        # the VM keeps its host keys, unless the new user-data handles them itself
+        keys = hostkeys.load(vm.run_dir)
+        if keys and hostkeys.overridden(image.cloud_config, spec.extra_cloud_config()):
+            keys = None
+        files = seed.render_seed(spec, instance_id, rt.mac, image.cloud_config, keys)
         tmp = vm.run_dir / (qargv.SEED + ".new")
         seed.write_seed_iso(tmp, files)
         os.replace(tmp, vm.run_dir / qargv.SEED)
+        if keys is None:
+            (vm.run_dir / hostkeys.FILE).unlink(missing_ok=True)
+            vm.host_keys = None
         vm.rec.spec, rt.instance_id = spec, instance_id
         self.store.save_spec(vm.rec)
         if rt.state == State.RUNNING:

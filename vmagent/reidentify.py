@@ -10,13 +10,9 @@ a template has no access to clones made for others.
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import serialization as ser
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
-from . import seed
+from . import hostkeys, seed
 from .spec import VMSpec
 
-HOST_KEY_TYPES = ("ed25519", "ecdsa")
 # run in the template VM before its state is saved: no key of the template's creator is
 # in the saved state or the frozen disk, so not even the moment between a clone's
 # restore and its re-identification gives that key access
@@ -24,20 +20,8 @@ FORGET_KEYS_SH = ("for f in /root/.ssh/authorized_keys /home/*/.ssh/authorized_k
                   "if [ -f \"$f\" ]; then : > \"$f\"; fi; done; sync")
 
 
-def host_keys(comment: str) -> dict[str, tuple[str, str]]:
-    """Fresh SSH host keys made on the agent's host (the guest's RNG is the template's
-    until it reseeds): {type: (private key in OpenSSH format, public key line)}. RSA is
-    left out: it takes long to make and every current client takes ed25519."""
-    out = {}
-    for kind in HOST_KEY_TYPES:
-        key = (ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else
-               ec.generate_private_key(ec.SECP256R1()))
-        private = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH,
-                                    ser.NoEncryption()).decode()
-        public = key.public_key().public_bytes(ser.Encoding.OpenSSH,
-                                               ser.PublicFormat.OpenSSH).decode()
-        out[kind] = (private, f"{public} {comment}")
-    return out
+HOST_KEY_TYPES = hostkeys.TYPES
+host_keys = hostkeys.generate
 
 
 def console_key_block(keys: dict[str, tuple[str, str]]) -> bytes:
@@ -61,14 +45,11 @@ def reidentify_files(name: str, spec: VMSpec, keys: dict[str, tuple[str, str]],
         "/etc/hostname": (f"{name}\n".encode(), 0o644, "root"),
         "/etc/machine-id": (f"{machine_id}\n".encode(), 0o444, "root"),
     }
-    conf = ["# written by vmagent for a warm-started clone: its own host keys only"]
     for kind, (priv, pub) in keys.items():
         path = f"/etc/ssh/ssh_host_{kind}_key"
         files[path] = (priv.encode(), 0o600, "root")
         files[path + ".pub"] = ((pub.strip() + "\n").encode(), 0o644, "root")
-        conf.append(f"HostKey {path}")
-    files["/etc/ssh/sshd_config.d/05-vmagent-hostkeys.conf"] = (
-        ("\n".join(conf) + "\n").encode(), 0o644, "root")
+    files[hostkeys.SSHD_CONF] = (hostkeys.sshd_conf(keys).encode(), 0o644, "root")
     keys_text = "".join(k + "\n" for k in spec.ssh_keys).encode()
     for user in spec.admins:
         files[f"/etc/sudoers.d/90-vmagent-{user}"] = (

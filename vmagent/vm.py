@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import hostkeys
 from . import argv as qargv
 from .errors import Conflict, QMPFailure, Timeout, VMAgentError
 from .fsutil import atomic_write
@@ -59,6 +60,8 @@ class VM:
         self.ssh_ready = False
         self.ssh_checked = 0.0
         self._scan: tuple[int, int, dict] = (-1, -1, {})   # (offset, size, result)
+        # the SSH host keys the agent made for it (None: the guest made its own)
+        self.host_keys = hostkeys.load(rec.run_dir)
 
     @property
     def name(self) -> str:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import argv as qargv
-from . import disks, seed
+from . import disks, hostkeys, seed
 from .errors import BadRequest, Conflict, ImageError, QMPFailure, Timeout
 from .fsutil import read_json, sha256_file
 from .guest import guest_exec, wait_guest_agent
-from .reidentify import FORGET_KEYS_SH, HOST_KEY_TYPES, console_key_block, host_keys, reidentify_argv
+from .reidentify import FORGET_KEYS_SH, console_key_block, reidentify_argv
 from .spec import VMSpec, apply_defaults, check_name, format_size, parse_flag, \
     parse_timeout
 from .store import VMRecord, now_iso
@@ -168,7 +168,8 @@ class TemplateOps:
             steps.step("disk")
             await disks.create_overlay(img.path, img.format, staging / qargv.DISK, spec.disk)
             seed.write_seed_iso(staging / qargv.SEED, seed.render_seed(
-                spec, rt.instance_id, rt.mac, img.cloud_config))
+                spec, rt.instance_id, rt.mac, img.cloud_config,
+                hostkeys.for_vm(spec.name, img.cloud_config, spec.extra_cloud_config())))
             vm = VM(VMRecord(spec.name, staging, spec, rt))
             steps.step("boot")
             await self._launch(vm)
@@ -284,10 +285,13 @@ class TemplateOps:
                                                   memory=tpl.memory, disk=tpl.disk),
                               self.settings.defaults, img.virtual_size)
         rt = self._new_runtime(spec.name, mac=tpl.mac)
-        # only the host key types the clone has: its identity stays across reboots
-        extra = seed.merge_cloud_config(img.cloud_config or {}, {
-            "ssh_genkeytypes": list(HOST_KEY_TYPES)}, "template")
-        files = seed.render_seed(spec, rt.instance_id, rt.mac, extra)
+        # the clone's host keys, given by re-identification now and in its seed for the
+        # next boots (unless the caller's user-data makes its own at the next boot)
+        keys = hostkeys.generate(f"root@{spec.name}")
+        own = not hostkeys.overridden(img.cloud_config, spec.extra_cloud_config())
+        files = seed.render_seed(spec, rt.instance_id, rt.mac, img.cloud_config,
+                                 (hostkeys.placeholders() if dry_run else keys) if own
+                                 else None)
         if dry_run:
             return self._dry_run(spec, rt, img, files, ("-incoming", "defer"),
                                  template=tpl.name)
@@ -301,13 +305,14 @@ class TemplateOps:
         t0 = time.monotonic()
         async with self._template_lock(tpl.name):
             await self.templates.verify(tpl)
-            keys = host_keys(f"root@{spec.name}")
 
             def clone_files(run_dir: Path) -> None:
                 (run_dir / CLONE_MARKER).write_text(tpl.name + "\n")
-                # vmctl pins the host keys it finds in the console log
-                with open(run_dir / qargv.CONSOLE_LOG, "ab") as f:
-                    f.write(console_key_block(keys))
+                if own:                       # reported in the status; vmctl pins them
+                    hostkeys.save(run_dir, keys)
+                else:                         # vmctl finds them in the console log
+                    with open(run_dir / qargv.CONSOLE_LOG, "ab") as f:
+                        f.write(console_key_block(keys))
 
             rec = await self._stage(spec, rt, tpl.disk_path, "qcow2", files, clone_files)
         prepared = time.monotonic()

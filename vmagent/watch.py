@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import hostkeys
 from .store import State
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ def vm_status(vm: "VM", probe: bool = True) -> dict:
         "ssh_port": rt.ssh_port,
         "ssh_user": (rec.spec.admins or ["root"])[0],
         "ssh_ready": running and vm.ssh_ready,
+        # public halves of the host keys the agent gave the VM (null: learn them from the
+        # console); vmctl pins them
+        "ssh_host_keys": hostkeys.public(vm.host_keys) if vm.host_keys else None,
         # what the 1 Hz watcher saw: qemu alive (link) and the guest's sshd greeting (net)
         "link_alive": running and vm.machine.alive(),
         "net_alive": running and vm.ssh_ready,

@@ -129,17 +129,21 @@ def _known(alias: str, known: Path) -> bool:
 
 
 def pin_host_keys(call: Callable[..., Any], target: Target, status: dict) -> bool:
-    """Put the VM's host keys from its console log into vmctl's known_hosts (once).
+    """Put the VM's host keys into vmctl's known_hosts (once): those the agent made for
+    it (``ssh_host_keys`` in its status), else those cloud-init printed on its console.
     True when the alias has keys now."""
     alias = host_key_alias(target, status)
     known = known_hosts_file()
     if _known(alias, known):
         return True
-    try:
-        log = call("console_log", name=status["name"], offset=0)
-    except Exception:
-        return False
-    keys = host_keys_from_console(log.get("data") or "")
+    keys = [" ".join(k.split()[:2]) for k in status.get("ssh_host_keys") or ()
+            if _KEY_LINE.match(k)]
+    if not keys:
+        try:
+            log = call("console_log", name=status["name"], offset=0)
+        except Exception:
+            return False
+        keys = host_keys_from_console(log.get("data") or "")
     if not keys:
         return False
     known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
