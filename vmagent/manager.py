@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import random
-import re
 import shutil
 import socket
 import time
@@ -24,14 +23,16 @@ from typing import Any, AsyncIterator, Callable
 
 from . import __version__, disks, hostkeys, seed
 from . import argv as qargv
-from .accel import AccelChoice, choose, qemu_version
+from .accel import AccelChoice, qemu_version
 from .buildjobs import Builds
 from .catalog import Catalog
 from .errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailure
 from .images import Image, ImageStore
 from .spec import Defaults, VMSpec, apply_defaults, check_name
-from .spec import parse_flag as _flag, parse_timeout as _timeout
+from .spec import parse_flag as _flag
 from .store import State, Store, VMRecord, Runtime, now_iso
+from .imageops import ImageOps
+from .lifecycle import LifecycleOps
 from .warm import TemplateOps
 from .vm import VM
 from .watch import vm_status
@@ -39,7 +40,6 @@ from .watch import vm_status
 log = logging.getLogger(__name__)
 
 PORT_RANGE = (20000, 30000)
-_SNAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LAUNCH_ATTEMPTS = 5
 
 
@@ -56,7 +56,7 @@ class Settings:
     accel_override: str | None = None  # "kvm"/"tcg": skip the probe
 
 
-class Manager(TemplateOps):
+class Manager(TemplateOps, LifecycleOps, ImageOps):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.state_dir)
@@ -382,131 +382,6 @@ class Manager(TemplateOps):
             else "tcg", time.time()
         rt.config_pending = False
         self.store.save_state(rec)
-
-    def _need(self, vm: VM, *states: State) -> None:
-        if vm.rec.rt.state not in states:
-            want = " or ".join(s.value for s in states)
-            raise Conflict(f"VM {vm.name} is {vm.rec.rt.state.value}; this needs it {want}",
-                           state=vm.rec.rt.state.value)
-
-    async def op_start(self, name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.STOPPED, State.BROKEN)
-        await self._launch(vm)
-        return vm_status(vm)
-
-    async def op_shutdown(self, name: str, timeout: Any = None) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING)
-        wait = _timeout(timeout, self.settings.shutdown_timeout)
-        vm.rec.rt.state = State.STOPPING
-        self.store.save_state(vm.rec)
-        forced = False
-        try:
-            if not await vm.powerdown(wait):
-                forced = True
-        except VMAgentError as e:
-            log.warning("%s: powerdown failed: %s", name, e)
-            forced = True
-        if forced:
-            await vm.quit()
-        await vm.detach()
-        rt = vm.rec.rt
-        rt.state, rt.started_at = State.STOPPED, None
-        rt.reason = (f"forced off: the guest did not power down within {wait:g}s"
-                     if forced else None)
-        self.store.save_state(vm.rec)
-        return vm_status(vm)
-
-    async def op_poweroff(self, name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING, State.BROKEN, State.STARTING, State.STOPPING)
-        await vm.quit()
-        vm.rec.rt.state, vm.rec.rt.started_at, vm.rec.rt.reason = State.STOPPED, None, None
-        self.store.save_state(vm.rec)
-        return vm_status(vm)
-
-    async def op_reboot(self, name: str, timeout: Any = None) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING)
-        method = await vm.reboot(_timeout(timeout, self.settings.reboot_timeout))
-        vm.rec.rt.config_pending = False
-        self.store.save_state(vm.rec)
-        return {**vm_status(vm), "method": method}
-
-    async def op_reset(self, name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING)
-        await vm.reset()
-        vm.reset_boot()
-        self.store.save_state(vm.rec)
-        return vm_status(vm)
-
-    async def op_hard_reset(self, name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING, State.BROKEN, State.STARTING)
-        await vm.detach()
-        if vm.machine.alive():
-            await vm.machine.kill_and_wait()
-        await self._launch(vm)
-        return vm_status(vm)
-
-    async def op_snapshot(self, name: str, snapshot: Any = None) -> dict:
-        vm = self.get(name)
-        tag = snapshot or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
-        if not isinstance(tag, str) or not _SNAP_RE.fullmatch(tag):
-            raise BadRequest("snapshot: a name of letters, digits, '.', '_' and '-' "
-                             "(at most 64), starting with a letter or digit")
-        self._need(vm, State.RUNNING)
-        snap = await vm.snapshot(tag)
-        return {"snapshot": snap, **vm_status(vm)}
-
-    async def op_snapshots(self, name: str) -> dict:
-        vm = self.get(name)
-        if vm.rec.rt.state == State.RUNNING:
-            return {"snapshots": await vm.snapshots()}
-        return {"snapshots": [{"name": s["name"], "date": s.get("date-sec"),
-                               "vm_state_size": s.get("vm-state-size", 0)}
-                              for s in await disks.snapshot_list(vm.run_dir / qargv.DISK)]}
-
-    # --- images -------------------------------------------------------------------------
-
-    async def op_image_list(self) -> dict:
-        have = {i.name for i in self.images.list()}
-        return {"images": [i.to_json() for i in self.images.list()],
-                "catalog": [{**self.images.catalog.get(n).to_json(), "pulled": n in have}
-                            for n in self.images.catalog.names()]}
-
-    async def op_image_import(self, image: Any = None, path: Any = None, **kw: Any) -> dict:
-        if not image or not path:
-            raise BadRequest("image (a name) and path (a file on the agent's host) are "
-                             "required")
-        img = await self.images.import_file(image, path, **kw)
-        if (img.kernel and self.accel and not self.accel.probed
-                and not self.settings.accel_override):
-            # the first kernel on this host: now KVM can be verified
-            self.accel = await choose(self.settings.state_dir, [img.kernel],
-                                      binary=self.settings.qemu_binary)
-        return img.to_json()
-
-    async def op_image_pull(self, image: str, url: Any = None, sha256: Any = None) -> dict:
-        return (await self.images.pull(image, url=url, sha256=sha256)).to_json()
-
-    async def op_image_remove(self, image: str) -> dict:
-        await self.images.remove(image, self._image_users(image))
-        return {"deleted": image}
-
-    def _image_users(self, image: str) -> list[str]:
-        users = [n for n, v in self.vms.items() if v.rec.spec.image == image]
-        return users + self.templates_of_image(image)
-
-    async def op_image_build(self, image: str, replace: Any = False) -> dict:
-        """Start baking ``image`` from its catalog recipe (buildjobs.py, builder.py)."""
-        return await self.builds.start(image, _flag(replace, "replace"),
-                                       lambda: self._image_users(image))
-
-    async def op_image_build_status(self, image: str) -> dict:
-        return self.builds.status(image)
 
 
 def _random_mac() -> str:
