@@ -81,6 +81,27 @@ def test_cloud_init_accepts_the_agents_user_data(env):
     assert "Error" not in res.stdout + res.stderr
 
 
+def test_sshd_offers_the_host_keys_the_agent_made_and_reported(env):
+    st = env["agent"].ok("GET", f"/vms/{NAME}")
+    reported = {" ".join(k.split()[:2]) for k in st["ssh_host_keys"]}
+    assert {k.split()[0] for k in reported} == {"ssh-ed25519", "ecdsa-sha2-nistp256"}
+    scan = subprocess.run(["ssh-keyscan", "-T", "20", "-p", str(st["ssh_port"]),
+                           "127.0.0.1"], capture_output=True, text=True, timeout=120)
+    offered = {" ".join(line.split()[1:3]) for line in scan.stdout.splitlines()
+               if line and not line.startswith("#")}
+    assert offered == reported, scan.stdout + scan.stderr        # and no RSA key
+    res = login(env, "stat -c '%a %n' /etc/ssh/ssh_host_*; "
+                "cat /etc/ssh/ssh_host_ed25519_key.pub")
+    assert res.returncode == 0, res.stderr
+    modes = dict(reversed(line.split(" ", 1)) for line in res.stdout.splitlines()
+                 if line.startswith(("6", "4", "7")))
+    assert modes == {"/etc/ssh/ssh_host_ed25519_key": "600",
+                     "/etc/ssh/ssh_host_ed25519_key.pub": "644",
+                     "/etc/ssh/ssh_host_ecdsa_key": "600",
+                     "/etc/ssh/ssh_host_ecdsa_key.pub": "644"}, res.stdout
+    assert res.stdout.splitlines()[-1] in st["ssh_host_keys"]
+
+
 def test_snapshot_while_running(env):
     agent = env["agent"]
     doc = agent.ok("POST", f"/vms/{NAME}/snapshots", {"snapshot": "before-reboot"})

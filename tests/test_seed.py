@@ -284,7 +284,13 @@ def test_host_keys_the_agent_made_go_into_the_seed_before_the_callers_files(tmp_
                                "ecdsa_public": keys["ecdsa"][1]}
     assert doc["ssh"] == {"emit_keys_to_console": False}
     # sshd offers only these types; the caller's write_files follow the generated one
-    assert [f["path"] for f in doc["write_files"]] == [hostkeys.SSHD_CONF, "/etc/motd"]
+    assert [f["path"] for f in doc["write_files"]] == [
+        hostkeys.SSHD_CONF, "/etc/ssh/ssh_host_ed25519_key.pub",
+        "/etc/ssh/ssh_host_ecdsa_key.pub", "/etc/motd"]
+    # the public halves readable by all once cloud-init wrote them (it makes them 0600)
+    pub = doc["write_files"][1]
+    assert pub == {"path": "/etc/ssh/ssh_host_ed25519_key.pub", "permissions": "0644",
+                   "content": keys["ed25519"][1] + "\n", "defer": True}
     assert doc["write_files"][0]["content"].splitlines()[1:] == [
         "HostKey /etc/ssh/ssh_host_ed25519_key", "HostKey /etc/ssh/ssh_host_ecdsa_key"]
     # without keys: nothing about host keys (cloud-init makes its own, prints them)

@@ -66,7 +66,12 @@ def cloud_config(keys: Keys) -> dict[str, Any]:
                          for half, value in (("private", priv), ("public", pub))},
             "ssh": {"emit_keys_to_console": False},
             "write_files": [{"path": SSHD_CONF, "permissions": "0644",
-                             "content": sshd_conf(keys)}]}
+                             "content": sshd_conf(keys)},
+                            # cloud-init (22.4) writes the public halves 0600: readable
+                            # again by all, as ssh-keygen makes them, once it is done
+                            *({"path": f"/etc/ssh/ssh_host_{kind}_key.pub",
+                               "permissions": "0644", "content": pub.strip() + "\n",
+                               "defer": True} for kind, (_, pub) in keys.items())]}
 
 
 def overridden(*layers: dict[str, Any] | None) -> bool:
