@@ -312,8 +312,11 @@ class BareVM:
         from vmagent import hostkeys, seed
         user_data = yaml.safe_load(self.seed["user-data"])
         if "ssh_keys" in user_data:
-            keys = hostkeys.generate(f"root@{name}")
-            user_data["ssh_keys"] = hostkeys.cloud_config(keys)["ssh_keys"]
+            real = hostkeys.cloud_config(hostkeys.generate(f"root@{name}"))
+            by_path = {f["path"]: f for f in real["write_files"]}    # the public halves
+            user_data["ssh_keys"] = real["ssh_keys"]
+            user_data["write_files"] = [by_path.get(f.get("path"), f)
+                                        for f in user_data["write_files"]]
             self.seed["user-data"] = seed.render_user_data(user_data)
 
     def start(self) -> None:

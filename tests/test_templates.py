@@ -22,8 +22,8 @@ import pytest
 from agent_helpers import AgentProcess, keypair, require_test_image, ssh_retry
 from vmagent import ops
 from vmagent.errors import ImageError, NotFound
-from vmagent.reidentify import console_key_block, host_keys, reidentify_argv, \
-    reidentify_files
+from vmagent.hostkeys import generate as host_keys
+from vmagent.reidentify import console_key_block, reidentify_argv, reidentify_files
 from vmagent.spec import VMSpec
 from vmagent.templates import STATE_FILE, TEMPLATE_FILE, BuildSteps, Template, TemplateStore
 

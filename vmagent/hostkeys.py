@@ -82,9 +82,12 @@ def overridden(*layers: dict[str, Any] | None) -> bool:
                                             layer) for layer in layers)
 
 
-def for_vm(name: str, *layers: dict[str, Any] | None) -> Keys | None:
-    """Keys for a new VM, or None when :func:`overridden`."""
-    return None if overridden(*layers) else generate(f"root@{name}")
+def for_vm(name: str, *layers: dict[str, Any] | None, dry_run: bool = False) -> Keys | None:
+    """Keys for a new VM (:func:`placeholders` for a dry run), or None when
+    :func:`overridden`."""
+    if overridden(*layers):
+        return None
+    return placeholders() if dry_run else generate(f"root@{name}")
 
 
 def save(run_dir: Path, keys: Keys) -> None:
@@ -97,7 +100,5 @@ def load(run_dir: Path) -> Keys | None:
     try:
         data = json.loads((run_dir / FILE).read_text())
         return {str(k): (str(v[0]), str(v[1])) for k, v in data.items()}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError, IndexError):
+    except (OSError, ValueError, TypeError, IndexError):    # missing or unreadable
         return None

@@ -192,12 +192,11 @@ class Manager(TemplateOps, LifecycleOps, ImageOps):
                                       pull=not dry_run)
         spec = apply_defaults(spec, self.settings.defaults, image.virtual_size)
         rt = self._new_runtime(spec.name)
-        keys = hostkeys.for_vm(spec.name, image.cloud_config, spec.extra_cloud_config())
-        if dry_run:
-            files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config,
-                                     keys and hostkeys.placeholders())
-            return self._dry_run(spec, rt, image, files)
+        keys = hostkeys.for_vm(spec.name, image.cloud_config, spec.extra_cloud_config(),
+                               dry_run=dry_run)
         files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config, keys)
+        if dry_run:
+            return self._dry_run(spec, rt, image, files)
         rec = await self._stage(spec, rt, image.path, image.format, files,
                                 keys and (lambda run_dir: hostkeys.save(run_dir, keys)))
         vm = await self._add(rec, start)

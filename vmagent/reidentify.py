@@ -20,10 +20,6 @@ FORGET_KEYS_SH = ("for f in /root/.ssh/authorized_keys /home/*/.ssh/authorized_k
                   "if [ -f \"$f\" ]; then : > \"$f\"; fi; done; sync")
 
 
-HOST_KEY_TYPES = hostkeys.TYPES
-host_keys = hostkeys.generate
-
-
 def console_key_block(keys: dict[str, tuple[str, str]]) -> bytes:
     """The block cloud-init prints at first boot; vmctl pins the keys it finds there."""
     lines = ["", "-----BEGIN SSH HOST KEY KEYS-----",

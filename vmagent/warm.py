@@ -167,9 +167,9 @@ class TemplateOps:
         try:
             steps.step("disk")
             await disks.create_overlay(img.path, img.format, staging / qargv.DISK, spec.disk)
+            keys = hostkeys.for_vm(spec.name, img.cloud_config, spec.extra_cloud_config())
             seed.write_seed_iso(staging / qargv.SEED, seed.render_seed(
-                spec, rt.instance_id, rt.mac, img.cloud_config,
-                hostkeys.for_vm(spec.name, img.cloud_config, spec.extra_cloud_config())))
+                spec, rt.instance_id, rt.mac, img.cloud_config, keys))
             vm = VM(VMRecord(spec.name, staging, spec, rt))
             steps.step("boot")
             await self._launch(vm)
@@ -285,16 +285,16 @@ class TemplateOps:
                                                   memory=tpl.memory, disk=tpl.disk),
                               self.settings.defaults, img.virtual_size)
         rt = self._new_runtime(spec.name, mac=tpl.mac)
-        # the clone's host keys, given by re-identification now and in its seed for the
-        # next boots (unless the caller's user-data makes its own at the next boot)
-        keys = hostkeys.generate(f"root@{spec.name}")
-        own = not hostkeys.overridden(img.cloud_config, spec.extra_cloud_config())
-        files = seed.render_seed(spec, rt.instance_id, rt.mac, img.cloud_config,
-                                 (hostkeys.placeholders() if dry_run else keys) if own
-                                 else None)
+        # the clone's host keys, in its seed for the next boots (unless the caller's
+        # user-data makes its own at the next boot) and given by re-identification now
+        keys = hostkeys.for_vm(spec.name, img.cloud_config, spec.extra_cloud_config(),
+                               dry_run=dry_run)
+        files = seed.render_seed(spec, rt.instance_id, rt.mac, img.cloud_config, keys)
         if dry_run:
             return self._dry_run(spec, rt, img, files, ("-incoming", "defer"),
                                  template=tpl.name)
+        own = keys is not None
+        keys = keys or hostkeys.generate(f"root@{spec.name}")
         accel = self.accel.name if self.accel else "tcg"
         if (tpl.qemu_version, tpl.accel) != (self.qemu_version, accel):
             # the saved device state fits the qemu (machine type, CPU model) that saved it
@@ -329,7 +329,7 @@ class TemplateOps:
         timings["total_s"] = round(time.monotonic() - t0, 3)
         log.info("%s: warm-started from template %s: %s", spec.name, tpl.name, timings)
         return {**vm_status(vm), "template": tpl.name,
-                "host_keys": [pub for _, pub in keys.values()], "warm": timings}
+                "host_keys": hostkeys.public(keys), "warm": timings}
 
     async def _reidentify(self: "Manager", vm: VM, tpl: Template,  # type: ignore[misc]
                           keys: dict[str, tuple[str, str]],
