@@ -31,6 +31,7 @@ from .images import Image, ImageStore
 from .spec import Defaults, VMSpec, apply_defaults, check_name
 from .spec import parse_flag as _flag
 from .store import State, Store, VMRecord, Runtime, now_iso
+from .clone import CloneOps
 from .imageops import ImageOps
 from .lifecycle import LifecycleOps
 from .warm import TemplateOps
@@ -56,7 +57,7 @@ class Settings:
     accel_override: str | None = None  # "kvm"/"tcg": skip the probe
 
 
-class Manager(TemplateOps, LifecycleOps, ImageOps):
+class Manager(TemplateOps, CloneOps, LifecycleOps, ImageOps):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.state_dir)
