@@ -309,7 +309,8 @@ class BareVM:
         """A dry run shows placeholders where the agent puts the host keys it makes:
         make real ones (the same way: no key generation in the guest)."""
         import yaml
-        from vmagent import hostkeys, seed
+        from vmagent.identity import hostkeys
+        from vmagent.identity import seed
         user_data = yaml.safe_load(self.seed["user-data"])
         if "ssh_keys" in user_data:
             real = hostkeys.cloud_config(hostkeys.generate(f"root@{name}"))
@@ -321,7 +322,7 @@ class BareVM:
 
     def start(self) -> None:
         """What the agent does for a create, by hand: overlay, seed ISO, qemu."""
-        from vmagent.seed import write_seed_iso
+        from vmagent.identity.seed import write_seed_iso
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", self.base_format,
                         "-b", self.base, str(self.run_dir / "disk.qcow2"),
                         str(self.disk_size)], check=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine, running_agent, workdir  # noqa: E402
 
-from vmagent import argv as qargv  # noqa: E402
+from vmagent.qemu import argv as qargv  # noqa: E402
 from vmagent import seed  # noqa: E402
 from vmagent.spec import Defaults, VMSpec, apply_defaults  # noqa: E402
 

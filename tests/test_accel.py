@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmagent import accel
+from vmagent.qemu import accel
 from vmagent.fsutil import sha256_file
 
 IMAGE_DIR = Path(os.environ.get("VMCTL_TEST_IMAGE_DIR", "/var/cache/vm-test-image"))

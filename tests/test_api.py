@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import vmagent
-from vmagent import seed as vseed
+from vmagent.identity import seed as vseed
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_DIR = Path(os.environ.get("VMCTL_TEST_IMAGE_DIR", "/var/cache/vm-test-image"))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from vmagent import argv as qargv
-from vmagent import seed
+from vmagent.qemu import argv as qargv
+from vmagent.identity import seed
 
 GUID = "8b5e7f6a-1c2d-4e3f-9a0b-112233445566"
 MAC = "52:54:00:12:34:56"

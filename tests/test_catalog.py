@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmagent import catalog as catalog_mod
-from vmagent.catalog import DEFAULT_APPEND, Catalog, CatalogError, default_catalog_dir
+from vmagent.images import catalog as catalog_mod
+from vmagent.images.catalog import DEFAULT_APPEND, Catalog, CatalogError, default_catalog_dir
 from vmagent.errors import InternalError, NotFound
 
 SHARE = Path(__file__).resolve().parents[1] / "share" / "images"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmagent import disks
+from vmagent.qemu import disks
 from vmagent.errors import BadRequest, Conflict, ImageError
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")

@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from vmagent import download
-from vmagent.catalog import DEFAULT_APPEND, Catalog
+from vmagent.images import download
+from vmagent.images.catalog import DEFAULT_APPEND, Catalog
 from vmagent.errors import BadRequest, Conflict, ImageError, NotFound
-from vmagent.images import ImageStore, parse_sums
+from vmagent.images.store import ImageStore, parse_sums
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 MiB = 1 << 20

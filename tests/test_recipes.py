@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from vmagent import aptindex, recipes
-from vmagent.catalog import Catalog, CatalogError
+from vmagent.images.build import aptindex
+
+from vmagent.images.build import recipes
+from vmagent.images.catalog import Catalog, CatalogError
 from vmagent.errors import ImageError
-from vmagent.images import ImageStore
-from vmagent.recipes import host_mirror
+from vmagent.images.store import ImageStore
+from vmagent.images.build.recipes import host_mirror
 
 SHARE = Path(__file__).resolve().parents[1] / "share" / "images"
 DEBIAN = ('[build]\ndistribution = "debian"\nsuite = "bookworm"\ndisk_size = "3G"\n'
@@ -186,7 +188,7 @@ def test_an_unknown_package_fails_to_resolve_with_apts_reason(lists):
 def test_files_are_written_inside_the_image_never_through_a_symlink_out(tmp_path):
     """A recipe file under /var/run (a symlink to /run in Debian) must not resolve to the
     build host's /run: the write is refused before anything is created."""
-    from vmagent.builder import Builder, Log, StepFailed
+    from vmagent.images.build.builder import Builder, Log, StepFailed
     recipe = load(tmp_path, r=DEBIAN).get("r").recipe
     work = tmp_path / "work"
     outside = tmp_path / "host-run"

@@ -11,7 +11,7 @@ import pycdlib
 import pytest
 import yaml
 
-from vmagent import seed
+from vmagent.identity import seed
 from vmagent.errors import BadRequest
 from vmagent.spec import VMSpec
 
@@ -273,7 +273,7 @@ def test_cloud_init_schema():  # pragma: no cover - depends on cloud-init
 
 
 def test_host_keys_the_agent_made_go_into_the_seed_before_the_callers_files(tmp_path):
-    from vmagent import hostkeys
+    from vmagent.identity import hostkeys
     spec = make_spec()
     keys = hostkeys.for_vm(spec.name, None, spec.extra_cloud_config())
     assert keys is not None and set(keys) == {"ed25519", "ecdsa"}
@@ -307,7 +307,7 @@ def test_host_keys_the_agent_made_go_into_the_seed_before_the_callers_files(tmp_
 @pytest.mark.parametrize("layer", [{"ssh_keys": {"rsa_private": "x", "rsa_public": "y"}},
                                    {"ssh_genkeytypes": ["rsa"]}])
 def test_a_callers_own_host_key_config_wins(layer):
-    from vmagent import hostkeys
+    from vmagent.identity import hostkeys
     spec = VMSpec.from_dict({"name": "web1", "user_data": yaml.safe_dump(layer)})
     assert hostkeys.for_vm("web1", None, spec.extra_cloud_config()) is None
     assert hostkeys.for_vm("web1", layer, {}) is None           # the image's

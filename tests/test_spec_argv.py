@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from vmagent import argv as qargv
-from vmagent import seed
+from vmagent.qemu import argv as qargv
+from vmagent.identity import seed
 from vmagent.errors import BadRequest
 from vmagent.spec import Defaults, VMSpec, apply_defaults, parse_size
 

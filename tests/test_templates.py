@@ -22,10 +22,10 @@ import pytest
 from agent_helpers import AgentProcess, keypair, require_test_image, ssh_retry
 from vmagent import ops
 from vmagent.errors import ImageError, NotFound
-from vmagent.hostkeys import generate as host_keys
-from vmagent.reidentify import console_key_block, reidentify_argv, reidentify_files
+from vmagent.identity.hostkeys import generate as host_keys
+from vmagent.identity.reidentify import console_key_block, reidentify_argv, reidentify_files
 from vmagent.spec import VMSpec
-from vmagent.templates import STATE_FILE, TEMPLATE_FILE, BuildSteps, Template, TemplateStore
+from vmagent.templates.store import STATE_FILE, TEMPLATE_FILE, BuildSteps, Template, TemplateStore
 
 # --- unit -------------------------------------------------------------------------------
 

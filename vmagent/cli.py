@@ -19,14 +19,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__
-from .accel import choose
-from .catalog import Catalog, default_catalog_dir
-from .errors import VMAgentError
-from .manager import Manager, Settings
-from .server import build_app
-from .spec import Defaults
-from .watch import Watcher
+from vmagent import __version__
+from vmagent.qemu.accel import choose
+from vmagent.images.catalog import Catalog, default_catalog_dir
+from vmagent.errors import VMAgentError
+from vmagent.manager import Manager, Settings
+from vmagent.api.server import build_app
+from vmagent.spec import Defaults
+from vmagent.vms.watcher import Watcher
 
 log = logging.getLogger("vmagent")
 DEFAULT_STATE_DIR = "/var/lib/vmagent"

@@ -21,22 +21,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from . import __version__, disks, hostkeys, seed
-from . import argv as qargv
-from .accel import AccelChoice, qemu_version
-from .buildjobs import Builds
-from .catalog import Catalog
-from .errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailure
-from .images import Image, ImageStore
-from .spec import Defaults, VMSpec, apply_defaults, check_name
-from .spec import parse_flag as _flag
-from .store import State, Store, VMRecord, Runtime, now_iso
-from .clone import CloneOps
-from .imageops import ImageOps
-from .lifecycle import LifecycleOps
-from .warm import TemplateOps
-from .vm import VM
-from .watch import vm_status
+from vmagent import __version__
+
+from vmagent.qemu import disks
+
+from vmagent.identity import hostkeys
+
+from vmagent.identity import seed
+from vmagent.qemu import argv as qargv
+from vmagent.qemu.accel import AccelChoice, qemu_version
+from vmagent.images.build.jobs import Builds
+from vmagent.images.catalog import Catalog
+from vmagent.errors import BadRequest, Conflict, NotFound, VMAgentError, VMLaunchFailure
+from vmagent.images.store import Image, ImageStore
+from vmagent.spec import Defaults, VMSpec, apply_defaults, check_name
+from vmagent.spec import parse_flag as _flag
+from vmagent.vms.store import State, Store, VMRecord, Runtime, now_iso
+from vmagent.templates.warm import CloneOps
+from vmagent.images.service import ImageOps
+from vmagent.vms.lifecycle import LifecycleOps
+from vmagent.templates.service import TemplateOps
+from vmagent.vms.vm import VM
+from vmagent.vms.watcher import vm_status
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +143,7 @@ class Manager(TemplateOps, CloneOps, LifecycleOps, ImageOps):
     # --- reading ----------------------------------------------------------------------
 
     async def op_host(self) -> dict:
-        from .watch import host_capacity
+        from vmagent.vms.watcher import host_capacity
         running = [v for v in self.vms.values() if v.rec.rt.state == State.RUNNING]
         return {"version": __version__, "accel": self.accel.to_json() if self.accel else None,
                 "qemu_version": self.qemu_version,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .spec import VMSpec
+from vmagent.spec import VMSpec
 
 API_PREFIX = "/v1"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .errors import BadRequest
+from vmagent.errors import BadRequest
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")

@@ -10,8 +10,10 @@ a template has no access to clones made for others.
 
 from __future__ import annotations
 
-from . import hostkeys, seed
-from .spec import VMSpec
+from vmagent.identity import hostkeys
+
+from vmagent.identity import seed
+from vmagent.spec import VMSpec
 
 # run in the template VM before its state is saved: no key of the template's creator is
 # in the saved state or the frozen disk, so not even the moment between a clone's

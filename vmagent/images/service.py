@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .accel import choose
-from .errors import BadRequest
-from .spec import parse_flag as _flag
+from vmagent.qemu.accel import choose
+from vmagent.errors import BadRequest
+from vmagent.spec import parse_flag as _flag
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from vmagent.manager import Manager
 
 
 class ImageOps:

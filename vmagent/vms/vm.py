@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import hostkeys
-from . import argv as qargv
-from .errors import Conflict, QMPFailure, Timeout, VMAgentError
-from .fsutil import atomic_write
-from .machine import Machine
-from .qmp import Monitor, guest_agent_call
-from .store import VMRecord
+from vmagent.identity import hostkeys
+from vmagent.qemu import argv as qargv
+from vmagent.errors import Conflict, QMPFailure, Timeout, VMAgentError
+from vmagent.fsutil import atomic_write
+from vmagent.qemu.machine import Machine
+from vmagent.qemu.qmp import Monitor, guest_agent_call
+from vmagent.vms.store import VMRecord
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import builder
-from .catalog import Catalog
-from .errors import BadRequest, Conflict, ImageError, NotFound
-from .fsutil import atomic_write_json, read_json
-from .images import ImageStore
-from .recipes import host_mirror
-from .spec import check_image_name
+from vmagent.images.build import builder
+from vmagent.images.catalog import Catalog
+from vmagent.errors import BadRequest, Conflict, ImageError, NotFound
+from vmagent.fsutil import atomic_write_json, read_json
+from vmagent.images.store import ImageStore
+from vmagent.images.build.recipes import host_mirror
+from vmagent.spec import check_image_name
 
 log = logging.getLogger(__name__)
 

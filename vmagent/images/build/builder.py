@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import aptindex
-from .buildsys import ENV, Log, Mounts, StepFailed, mounts_under, release_stale, run, tail
-from .recipes import Recipe
+from vmagent.images.build import aptindex
+from vmagent.images.build.system import ENV, Log, Mounts, StepFailed, mounts_under, release_stale, run, tail
+from vmagent.images.build.recipes import Recipe
 
 __all__ = ["STEPS", "Builder", "Log", "StepFailed", "mounts_under", "release_stale", "tail"]
 

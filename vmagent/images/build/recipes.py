@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest
-from .spec import format_size, parse_size
+from vmagent.errors import BadRequest
+from vmagent.spec import format_size, parse_size
 
 DISTRIBUTIONS = {
     # distribution: default mirror, components, kernel package, keyring, security suffix

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fsutil import atomic_write_json, read_json, sha256_file
+from vmagent.fsutil import atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 

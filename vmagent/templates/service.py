@@ -15,21 +15,23 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import argv as qargv
-from . import disks, hostkeys, seed
-from .errors import BadRequest, Conflict, QMPFailure, Timeout
-from .fsutil import read_json, sha256_file
-from .guest import guest_exec, wait_guest_agent
-from .reidentify import FORGET_KEYS_SH
-from .spec import VMSpec, apply_defaults, check_name, format_size, parse_flag, \
+from vmagent.qemu import argv as qargv
+from vmagent.qemu import disks
+from vmagent.identity import hostkeys
+from vmagent.identity import seed
+from vmagent.errors import BadRequest, Conflict, QMPFailure, Timeout
+from vmagent.fsutil import read_json, sha256_file
+from vmagent.qemu.guest import guest_exec, wait_guest_agent
+from vmagent.identity.reidentify import FORGET_KEYS_SH
+from vmagent.spec import VMSpec, apply_defaults, check_name, format_size, parse_flag, \
     parse_timeout
-from .store import VMRecord, now_iso
-from .templates import (CLONE_MARKER, STATE_FILE, BuildSteps, Template, TemplateStore,
+from vmagent.vms.store import VMRecord, now_iso
+from vmagent.templates.store import (CLONE_MARKER, STATE_FILE, BuildSteps, Template, TemplateStore,
                         rmtree_readonly)
-from .vm import VM
+from vmagent.vms.vm import VM
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from vmagent.manager import Manager
 
 log = logging.getLogger(__name__)
 

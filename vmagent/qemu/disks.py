@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import errors
-from .spec import format_size
+from vmagent import errors
+from vmagent.spec import format_size
 
 QEMU_IMG = "qemu-img"
 BLOCK = 64 * 1024          # granularity of hole detection (one qcow2 cluster)

@@ -15,8 +15,8 @@ import signal
 import time
 from pathlib import Path
 
-from . import argv as qargv
-from .errors import Timeout, VMLaunchFailure
+from vmagent.qemu import argv as qargv
+from vmagent.errors import Timeout, VMLaunchFailure
 
 LAUNCH_TIMEOUT = 120.0
 

@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from .fsutil import atomic_write
+from vmagent.fsutil import atomic_write
 
 TYPES = ("ed25519", "ecdsa")
 FILE = "host_keys.json"

@@ -42,10 +42,10 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from . import argv as qargv
-from .errors import Conflict, ImageError, NotFound, VMAgentError
-from .fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
-from .spec import check_name
+from vmagent.qemu import argv as qargv
+from vmagent.errors import Conflict, ImageError, NotFound, VMAgentError
+from vmagent.fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
+from vmagent.spec import check_name
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from . import disks, download, errors
-from .catalog import DEFAULT_APPEND, Catalog, CatalogEntry
-from .download import Progress, parse_sums  # noqa: F401  (re-exported)
-from .fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
-from .spec import check_image_name
+from vmagent.qemu import disks
+
+from vmagent.images import download
+
+from vmagent import errors
+from vmagent.images.catalog import DEFAULT_APPEND, Catalog, CatalogEntry
+from vmagent.images.download import Progress, parse_sums  # noqa: F401  (re-exported)
+from vmagent.fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
+from vmagent.spec import check_image_name
 
 log = logging.getLogger(__name__)
 

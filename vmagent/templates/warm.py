@@ -15,19 +15,20 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import argv as qargv
-from . import hostkeys, seed
-from .errors import BadRequest, Conflict, ImageError, QMPFailure, Timeout
-from .guest import guest_exec
-from .reidentify import console_key_block, reidentify_argv
-from .spec import VMSpec, apply_defaults, format_size
-from .templates import CLONE_MARKER, Template
-from .vm import VM, ssh_banner
-from .warm import GUEST_AGENT_WAIT, console_tail
-from .watch import vm_status
+from vmagent.qemu import argv as qargv
+from vmagent.identity import hostkeys
+from vmagent.identity import seed
+from vmagent.errors import BadRequest, Conflict, ImageError, QMPFailure, Timeout
+from vmagent.qemu.guest import guest_exec
+from vmagent.identity.reidentify import console_key_block, reidentify_argv
+from vmagent.spec import VMSpec, apply_defaults, format_size
+from vmagent.templates.store import CLONE_MARKER, Template
+from vmagent.vms.vm import VM, ssh_banner
+from vmagent.templates.service import GUEST_AGENT_WAIT, console_tail
+from vmagent.vms.watcher import vm_status
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from vmagent.manager import Manager
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .recipes import Recipe
+from vmagent.images.build.recipes import Recipe
 
 _INST = re.compile(r"^Inst (\S+) ")
 

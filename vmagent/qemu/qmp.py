@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from .errors import QMPFailure, Timeout
+from vmagent.errors import QMPFailure, Timeout
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from . import argv as qargv
-from .errors import BadRequest, Conflict, InternalError, NotFound, Unauthorized, VMAgentError
-from .manager import Manager
-from .ops import OPERATIONS, Operation
-from .qmp import connect_unix
-from .store import State
+from vmagent.qemu import argv as qargv
+from vmagent.errors import BadRequest, Conflict, InternalError, NotFound, Unauthorized, VMAgentError
+from vmagent.manager import Manager
+from vmagent.ops import OPERATIONS, Operation
+from vmagent.qemu.qmp import connect_unix
+from vmagent.vms.store import State
 
 log = logging.getLogger(__name__)
 

@@ -9,16 +9,16 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import argv as qargv
-from . import disks
-from .errors import BadRequest, Conflict, VMAgentError
-from .spec import parse_timeout as _timeout
-from .store import State
-from .vm import VM
-from .watch import vm_status
+from vmagent.qemu import argv as qargv
+from vmagent.qemu import disks
+from vmagent.errors import BadRequest, Conflict, VMAgentError
+from vmagent.spec import parse_timeout as _timeout
+from vmagent.vms.store import State
+from vmagent.vms.vm import VM
+from vmagent.vms.watcher import vm_status
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from vmagent.manager import Manager
 
 log = logging.getLogger(__name__)
 

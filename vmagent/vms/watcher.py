@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import hostkeys
-from .store import State
+from vmagent.identity import hostkeys
+from vmagent.vms.store import State
 
 if TYPE_CHECKING:
-    from .manager import Manager
-    from .vm import VM
+    from vmagent.manager import Manager
+    from vmagent.vms.vm import VM
 
 log = logging.getLogger(__name__)
 

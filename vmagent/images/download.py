@@ -12,7 +12,9 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from . import disks, errors
+from vmagent.qemu import disks
+
+from vmagent import errors
 
 SUMS_MAX = 1 << 20
 HEX_LEN = {64: "sha256", 128: "sha512"}

@@ -18,10 +18,10 @@ from typing import Any
 import pycdlib
 import yaml
 
-from . import hostkeys
-from .errors import BadRequest
-from .fsutil import atomic_write
-from .spec import VMSpec
+from vmagent.identity import hostkeys
+from vmagent.errors import BadRequest
+from vmagent.fsutil import atomic_write
+from vmagent.spec import VMSpec
 
 USER_DATA_RENDERED_MAX = 256 * 1024
 VOLUME_ID = "cidata"            # NoCloud finds its seed by this filesystem label

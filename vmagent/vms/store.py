@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InternalError
-from .fsutil import atomic_write_json, fsync_dir, read_json
-from .spec import VMSpec
+from vmagent.errors import InternalError
+from vmagent.fsutil import atomic_write_json, fsync_dir, read_json
+from vmagent.spec import VMSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import base64
 import time
 from pathlib import Path
 
-from .errors import Timeout, VMAgentError
-from .qmp import Monitor, guest_agent, guest_agent_call
+from vmagent.errors import Timeout, VMAgentError
+from vmagent.qemu.qmp import Monitor, guest_agent, guest_agent_call
 
 
 async def guest_exec(qga: Path, name: str, path: str, args: list[str],

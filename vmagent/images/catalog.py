@@ -19,8 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import errors, recipes
-from .spec import IMAGE_NAME_RE
+from vmagent import errors
+
+from vmagent.images.build import recipes
+from vmagent.spec import IMAGE_NAME_RE
 
 FORMATS = ("qcow2", "raw")
 BOOTS = ("disk", "kernel")
@@ -255,7 +257,7 @@ def default_catalog_dir() -> Path:
     candidates = []
     if os.environ.get("VMAGENT_CATALOG"):
         candidates.append(Path(os.environ["VMAGENT_CATALOG"]))
-    candidates.append(Path(__file__).resolve().parents[1] / "share" / "images")
+    candidates.append(Path(__file__).resolve().parents[2] / "share" / "images")
     candidates.append(Path(sys.prefix) / "share" / "vmagent" / "images")
     for path in candidates:
         if path.is_dir():
