@@ -1,11 +1,16 @@
-"""The table of agent operations: declared once, used by the server and the CLI client.
+"""The table of agent operations: declared once; the server, the CLI client, the
+permission checks and docs/api.md derive from it.
 
-Each row says how an operation is reached over HTTP (method and path under ``/v1``),
-whether it takes the VM's operation lock, and which parameters it accepts. The server
-registers one route per row and dispatches to ``Manager.op_<name>``; the vmctl client
-calls operations by name and builds the request from the same row. Path parameters are
-written ``{name}`` (a VM), ``{image}`` (an image) or ``{template}`` (a template); other
-parameters go in the JSON body for POST/PUT/DELETE and in the query string for GET.
+Each row says how an operation is reached over HTTP (method and path under ``/v1``), what
+it acts on (``target``: a VM, an image, a template or the host; the parameter that names
+it is ``TARGET_PARAM[target]``), whether it takes the target VM's operation lock, which
+parameters it accepts, whether it is a stream (a websocket to the VM's serial console,
+its SSH port, ...) and how long a client waits for it (``timeout``, seconds; like the
+timeouts of Ganeti's RPC table). Path parameters are written ``{name}`` (a VM),
+``{image}`` or ``{template}``; other parameters go in the JSON body for POST/PUT/DELETE
+and in the query string for GET.
+
+Nothing here imports the agent's implementation: vmctl imports this module.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ from dataclasses import dataclass
 from vmagent.spec import VMSpec
 
 API_PREFIX = "/v1"
+TARGETS = ("vm", "image", "template", "host")
+# the parameter that names an operation's target (the host needs none)
+TARGET_PARAM = {"vm": "name", "image": "image", "template": "template"}
+# what a stream operation connects to (vmagent/vms/streams.py opens them)
+STREAMS = ("console", "ssh")
+
+DEFAULT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -24,9 +36,25 @@ class Operation:
     method: str
     path: str
     summary: str
+    target: str = "host"          # vm | image | template | host
     lock: bool = False            # serialized with the VM's other locked operations
     params: tuple[str, ...] = ()  # accepted body/query parameters besides path params
-    websocket: bool = False       # a bidirectional stream (console, tunnel)
+    stream: str | None = None     # a bidirectional websocket to this (see STREAMS)
+    timeout: float = DEFAULT_TIMEOUT   # how long a client waits for the answer
+    created: bool = False         # success is 201 Created (unless a dry run)
+
+    @property
+    def websocket(self) -> bool:
+        return self.stream is not None
+
+    @property
+    def mutates(self) -> bool:
+        """Whether the operation changes something (what an audit log records)."""
+        return self.method != "GET"
+
+    @property
+    def target_param(self) -> str | None:
+        return TARGET_PARAM.get(self.target)
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -47,69 +75,80 @@ class Operation:
 
 
 _SPEC = tuple(f for f in VMSpec.FIELDS if f != "name")
+_VM = "/vms/{name}"
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("host", "GET", "/host", "Agent version, accel, capacity and qemu version"),
-    Operation("list", "GET", "/vms", "All VMs with their state"),
+    Operation("list", "GET", "/vms", "All VMs with their state", target="vm"),
     Operation("create", "POST", "/vms", "Create a VM from a spec and start it",
-              lock=True, params=("name", *_SPEC, "dry_run", "start", "template")),
-    Operation("status", "GET", "/vms/{name}", "One VM: spec, state, pid, accel, SSH port, "
-              "readiness (ssh, cloud-init)"),
-    Operation("delete", "DELETE", "/vms/{name}", "Stop the VM and remove all its files",
-              lock=True),
-    Operation("push_config", "POST", "/vms/{name}/config",
+              target="vm", lock=True, timeout=900.0, created=True,
+              params=("name", *_SPEC, "dry_run", "start", "template")),
+    Operation("status", "GET", _VM, "One VM: spec, state, pid, accel, SSH port, "
+              "readiness (ssh, cloud-init)", target="vm"),
+    Operation("delete", "DELETE", _VM, "Stop the VM and remove all its files",
+              target="vm", lock=True, timeout=300.0),
+    Operation("push_config", "POST", _VM + "/config",
               "Change the spec or user-data; applied at the next boot",
-              lock=True, params=_SPEC),
-    Operation("start", "POST", "/vms/{name}/start", "Start a stopped VM", lock=True),
-    Operation("reboot", "POST", "/vms/{name}/reboot",
+              target="vm", lock=True, params=_SPEC, timeout=300.0),
+    Operation("start", "POST", _VM + "/start", "Start a stopped VM", target="vm",
+              lock=True, timeout=300.0),
+    Operation("reboot", "POST", _VM + "/reboot",
               "Reboot through the guest (guest agent, then ACPI), falling back to reset",
-              lock=True, params=("timeout",)),
-    Operation("shutdown", "POST", "/vms/{name}/shutdown",
-              "ACPI powerdown, wait up to timeout seconds, then force", lock=True,
-              params=("timeout",)),
-    Operation("reset", "POST", "/vms/{name}/reset", "Hardware reset (QMP system_reset)",
-              lock=True),
-    Operation("poweroff", "POST", "/vms/{name}/poweroff", "Stop qemu immediately",
-              lock=True),
-    Operation("hard_reset", "POST", "/vms/{name}/hard_reset",
-              "Kill qemu and start it again", lock=True),
-    Operation("snapshot", "POST", "/vms/{name}/snapshots",
-              "Take a live internal qcow2 snapshot", lock=True, params=("snapshot",)),
-    Operation("snapshots", "GET", "/vms/{name}/snapshots", "List the VM's snapshots"),
-    Operation("console_log", "GET", "/vms/{name}/console/log",
-              "The serial console log from byte offset on", params=("offset", "tail")),
-    Operation("console", "GET", "/vms/{name}/console",
-              "Attach to the serial console (websocket)", websocket=True),
-    Operation("tunnel", "GET", "/vms/{name}/tunnel",
-              "A TCP stream to the guest's SSH port (websocket)", websocket=True),
+              target="vm", lock=True, params=("timeout",), timeout=300.0),
+    Operation("shutdown", "POST", _VM + "/shutdown",
+              "ACPI powerdown, wait up to timeout seconds, then force", target="vm",
+              lock=True, params=("timeout",), timeout=300.0),
+    Operation("reset", "POST", _VM + "/reset", "Hardware reset (QMP system_reset)",
+              target="vm", lock=True),
+    Operation("poweroff", "POST", _VM + "/poweroff", "Stop qemu immediately",
+              target="vm", lock=True, timeout=120.0),
+    Operation("hard_reset", "POST", _VM + "/hard_reset",
+              "Kill qemu and start it again", target="vm", lock=True, timeout=300.0),
+    Operation("snapshot", "POST", _VM + "/snapshots",
+              "Take a live internal qcow2 snapshot", target="vm", lock=True,
+              params=("snapshot",), timeout=600.0),
+    Operation("snapshots", "GET", _VM + "/snapshots", "List the VM's snapshots",
+              target="vm"),
+    Operation("console_log", "GET", _VM + "/console/log",
+              "The serial console log from byte offset on", target="vm",
+              params=("offset", "tail")),
+    Operation("console", "GET", _VM + "/console",
+              "Attach to the serial console (websocket)", target="vm", stream="console"),
+    Operation("tunnel", "GET", _VM + "/tunnel",
+              "A TCP stream to the guest's SSH port (websocket)", target="vm",
+              stream="ssh"),
     Operation("image_list", "GET", "/images",
-              "Images in the store and catalog entries available to pull"),
+              "Images in the store and catalog entries available to pull", target="image"),
     Operation("image_import", "POST", "/images",
-              "Import an image from a file on the agent's host",
+              "Import an image from a file on the agent's host", target="image",
+              created=True, timeout=1800.0,
               params=("image", "path", "kernel", "initrd", "append", "sha256",
                       "description")),
     Operation("image_pull", "POST", "/images/{image}/pull",
-              "Download a catalog image (or a URL) and verify its digest",
-              params=("url", "sha256")),
+              "Download a catalog image (or a URL) and verify its digest", target="image",
+              created=True, timeout=3600.0, params=("url", "sha256")),
     Operation("image_remove", "DELETE", "/images/{image}",
-              "Remove an image no VM uses"),
-    # image builds (buildjobs.py): a background job, one at a time; poll its status
+              "Remove an image no VM uses", target="image"),
+    # image builds (images/build/jobs.py): a background job, one at a time; poll it
     Operation("image_build", "POST", "/images/{image}/build",
               "Start building an image from its catalog recipe (debootstrap from the "
-              "package mirror); returns the job", params=("replace",)),
+              "package mirror); returns the job", target="image", params=("replace",)),
     Operation("image_build_status", "GET", "/images/{image}/build",
-              "The image's latest build: state, steps with durations, log tail, result"),
-    # templates (templates.py): a booted guest's saved state; create with template=T
+              "The image's latest build: state, steps with durations, log tail, result",
+              target="image"),
+    # templates (templates/): a booted guest's saved state; create with template=T
     # warm-starts a clone from it
     Operation("template_create", "POST", "/templates",
               "Boot a VM from an image, save its RAM and device state as a template",
+              target="template", created=True, timeout=1320.0,
               params=("template", "image", "cpus", "memory", "disk", "ssh_keys", "admins",
                       "user_data", "timeout")),
-    Operation("template_list", "GET", "/templates", "All templates"),
-    Operation("template_show", "GET", "/templates/{template}", "One template"),
+    Operation("template_list", "GET", "/templates", "All templates", target="template"),
+    Operation("template_show", "GET", "/templates/{template}",
+              "One template; while it is being built, its build job", target="template"),
     Operation("template_remove", "DELETE", "/templates/{template}",
               "Remove a template (refused while VMs use it, unless force)",
-              params=("force",)),
+              target="template", params=("force",)),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}

@@ -19,11 +19,6 @@ from vmagent import ops
 from .address import Address, Target
 from .errors import AgentError, CLIError, Unreachable
 
-DEFAULT_TIMEOUT = 60.0
-# operations that may take long on the agent (image copies, qemu start, shutdown waits)
-LONG_OPS = {"create": 900.0, "image_import": 1800.0, "image_pull": 3600.0,
-            "delete": 300.0, "snapshot": 600.0, "push_config": 300.0, "start": 300.0,
-            "hard_reset": 300.0, "shutdown": 300.0, "reboot": 300.0, "poweroff": 120.0}
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -114,7 +109,7 @@ class AgentClient:
         """Run one operation; raise :class:`AgentError` with the agent's code on failure.
         ``call_timeout`` bounds the HTTP exchange (``timeout`` is an operation parameter)."""
         method, path, body = self.request_for(op_name, params)
-        timeout = call_timeout or self.timeout or LONG_OPS.get(op_name, DEFAULT_TIMEOUT)
+        timeout = call_timeout or self.timeout or ops.get(op_name).timeout
         headers = self.headers()
         if body is not None:
             headers["Content-Type"] = "application/json"

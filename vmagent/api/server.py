@@ -25,7 +25,6 @@ from vmagent.vms.store import State
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
-CREATED = {"create", "image_import", "image_pull", "template_create"}
 
 
 def _error(err: VMAgentError) -> web.Response:
@@ -106,7 +105,7 @@ def _handler(manager: Manager, op: Operation) -> Callable[[web.Request], Awaitab
                 result = await method(**params)
         else:
             result = await method(**params)
-        status = 201 if op.name in CREATED and not result.get("dry_run") else 200
+        status = 201 if op.created and not result.get("dry_run") else 200
         return web.json_response(result, status=status)
 
     return handle
@@ -146,7 +145,7 @@ def _stream_handler(manager: Manager, op: Operation) -> Callable:
             raise Conflict(f"VM {vm.name} is {vm.rec.rt.state.value}; {op.name} needs it "
                            "running")
         try:
-            if op.name == "console":
+            if op.stream == "console":
                 sock = connect_unix(vm.run_dir / qargv.CONSOLE_SOCK)
                 reader, writer = await asyncio.open_unix_connection(sock=sock)
             else:
