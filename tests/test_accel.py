@@ -126,6 +126,7 @@ def test_stale_or_broken_cache_means_a_new_probe(tmp_path, monkeypatch, cache):
     assert saved["key"]["kernel_sha256"] == sha256_file(kernel)
 
 
+@pytest.mark.integration
 @kvm_usable
 def test_probe_with_the_real_kernel_and_cache_the_result(tmp_path, monkeypatch):
     if not KERNEL.is_file():

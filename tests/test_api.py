@@ -373,7 +373,7 @@ def test_create_without_start_makes_a_stopped_vm(agent):
         assert set(files) == {"meta-data", "user-data", "network-config"}
         assert b"local-hostname: vm1" in files["meta-data"]
 
-        assert json.loads((run / "spec.json").read_text()) == st["spec"]
+        assert json.loads((run / "spec.json").read_text()) == {"format": 1, **st["spec"]}
         state = json.loads((run / "state.json").read_text())
         assert state["state"] == "stopped" and state["ssh_port"] == st["ssh_port"]
         assert not (run / "qemu.pid").exists() and not (run / "qmp.sock").exists()
@@ -419,7 +419,7 @@ def test_push_config_on_a_stopped_vm(agent):
         spec = st["spec"]
         assert spec["cpus"] == 4 and spec["memory"] == G
         assert spec["ssh_keys"] == [KEY] and spec["disk"] == before["spec"]["disk"]
-        assert json.loads((run / "spec.json").read_text()) == spec
+        assert json.loads((run / "spec.json").read_text()) == {"format": 1, **spec}
         files = vseed.read_seed_iso(run / "seed.iso")
         assert files["meta-data"] != old_meta                 # a new instance-id
         assert "jq" in yaml.safe_load(files["user-data"])["packages"]
@@ -438,7 +438,7 @@ def test_push_config_on_a_stopped_vm(agent):
             assert match in assert_error(status, doc, 400, "bad_request"), (body, doc)
         after = agent.ok("GET", "/vms/cfg")["spec"]
         assert after == {**spec, "disk": 12 * G}              # failed pushes changed nothing
-        assert json.loads((run / "spec.json").read_text()) == after
+        assert json.loads((run / "spec.json").read_text()) == {"format": 1, **after}
 
 
 def test_delete_removes_the_run_dir(agent):

@@ -232,8 +232,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None
-                    or shutil.which("qemu-img") is None, reason="qemu is not installed")
+@pytest.mark.integration
 def test_installed_qemu_accepts_the_argv(tmp_path):
     """Run the generated command line in the foreground (no -daemonize) and paused (-S),
     ask QMP for the status and the block devices, quit. Proves every option and device

@@ -13,6 +13,8 @@ import pytest
 
 from agent_helpers import AgentProcess, process_running, require_test_image
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):

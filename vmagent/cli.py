@@ -20,13 +20,12 @@ from pathlib import Path
 from aiohttp import web
 
 from vmagent import __version__
-from vmagent.qemu.accel import choose
-from vmagent.images.catalog import Catalog, default_catalog_dir
-from vmagent.errors import VMAgentError
-from vmagent.manager import Manager, Settings
+from vmagent.api.auth import StaticToken, UnixPeer
 from vmagent.api.server import build_app
+from vmagent.app import Agent, Settings
+from vmagent.errors import VMAgentError
+from vmagent.images.catalog import Catalog, default_catalog_dir
 from vmagent.spec import Defaults
-from vmagent.vms.watcher import Watcher
 
 log = logging.getLogger("vmagent")
 DEFAULT_STATE_DIR = "/var/lib/vmagent"
@@ -80,22 +79,17 @@ async def serve(args: argparse.Namespace) -> None:
             raise StartupError(f"the token in {args.token_file} is too short "
                                "(at least 16 characters)")
     catalog = Catalog.load(args.catalog or default_catalog_dir())
-    manager = Manager(Settings(state_dir=state_dir, catalog=catalog, defaults=Defaults(),
-                               qemu_binary=args.qemu, accel_override=args.accel))
-    await manager.adopt()
-    kernels = [Path(k) for k in args.probe_kernel] + [
-        i.kernel for i in manager.images.list() if i.kernel]
-    manager.accel = await choose(state_dir, kernels, override=args.accel,
-                                 binary=args.qemu)
-    log.info("vmagent %s: accel %s (%s); %d VM(s)", __version__, manager.accel.name,
-             manager.accel.reason, len(manager.vms))
-    watcher = Watcher(manager)
-    watcher.start()
+    agent = Agent(Settings(state_dir=state_dir, catalog=catalog, defaults=Defaults(),
+                           qemu_binary=args.qemu, accel_override=args.accel))
+    await agent.start([Path(k) for k in args.probe_kernel])
+    log.info("vmagent %s: accel %s (%s); %d VM(s)", __version__, agent.host.accel_name,
+             agent.host.accel.reason if agent.host.accel else "", len(agent.registry))
 
     runners = []
     sock_path = Path(args.socket) if args.socket else state_dir / "vmagent.sock"
     _prepare_socket(sock_path)
-    runner = web.AppRunner(build_app(manager), handle_signals=False, access_log=None)
+    runner = web.AppRunner(build_app(agent.dispatcher, UnixPeer()), handle_signals=False,
+                           access_log=None)
     await runner.setup()
     await web.UnixSite(runner, str(sock_path)).start()
     os.chmod(sock_path, 0o660)
@@ -103,8 +97,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("listening on unix:%s", sock_path)
     if args.listen:
         host, port = args.listen
-        tcp = web.AppRunner(build_app(manager, token), handle_signals=False,
-                            access_log=None)
+        tcp = web.AppRunner(build_app(agent.dispatcher, StaticToken(token)),
+                            handle_signals=False, access_log=None)
         await tcp.setup()
         await web.TCPSite(tcp, host, port).start()
         runners.append(tcp)
@@ -117,8 +111,6 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"vmagent {__version__} ready on unix:{sock_path}", flush=True)
     await stop.wait()
     log.info("stopping; VMs keep running")
-    await watcher.stop()
-    await manager.builds.close()          # a running image build stops and cleans up
     for r in runners:
         await r.cleanup()
     # a stopped agent leaves no socket behind (clients then say "no agent", not
@@ -128,8 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
             sock_path.unlink()
     except FileNotFoundError:
         pass
-    for vm in manager.vms.values():
-        await vm.detach()
+    await agent.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

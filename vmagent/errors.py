@@ -45,6 +45,13 @@ class NotFound(VMAgentError):
     status = 404
 
 
+class PayloadTooLarge(VMAgentError):
+    """The request body is over the agent's limit (413)."""
+
+    code = "too_large"
+    status = 413
+
+
 class Conflict(VMAgentError):
     """Wrong state for the operation, the name exists, or the VM's lock is busy (409)."""
 

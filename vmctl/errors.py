@@ -23,6 +23,7 @@ UNAUTHORIZED = 8
 
 EXIT_CODES = {
     "bad_request": USAGE,
+    "too_large": USAGE,
     "image_error": GENERIC,
     "unauthorized": UNAUTHORIZED,
     "not_found": NOT_FOUND,

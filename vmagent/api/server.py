@@ -1,30 +1,32 @@
-"""The HTTP API, built from ``ops.OPERATIONS``: one route per row, no other routes.
+"""The HTTP API, built from ``vmagent/ops.py``: one route per row, no other routes.
 
-Errors are JSON ``{"error": code, "message": ...}`` with the status of the error class.
-The unix-socket app trusts its callers (file mode 0660 decides who they are); the TCP
-app requires ``Authorization: Bearer <token>`` on every request.
+A request becomes (operation, context, parameters) here and goes through the
+dispatcher (:mod:`vmagent.api.dispatch`); a row with a ``stream`` answers with a
+websocket piped to what its handler opened. Errors are JSON
+``{"error": code, "message": ...}`` with the status of the error class. Who the caller
+is comes from the listener's authenticator (:mod:`vmagent.api.auth`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from vmagent.qemu import argv as qargv
-from vmagent.errors import BadRequest, Conflict, InternalError, NotFound, Unauthorized, VMAgentError
-from vmagent.manager import Manager
+from vmagent.api.auth import Authenticator
+from vmagent.api.dispatch import Dispatcher
+from vmagent.errors import (BadRequest, InternalError, NotFound, PayloadTooLarge,
+                            VMAgentError)
 from vmagent.ops import OPERATIONS, Operation
-from vmagent.qemu.qmp import connect_unix
-from vmagent.vms.store import State
+from vmagent.vms.streams import Stream
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+CONTEXT_KEY = "vmagent.context"
 
 
 def _error(err: VMAgentError) -> web.Response:
@@ -45,6 +47,8 @@ async def errors_middleware(request: web.Request, handler: Callable) -> web.Stre
         if e.status == 405:
             err = BadRequest(f"method {request.method} is not allowed on {request.path}")
             return web.json_response(err.to_json(), status=405)
+        if e.status == 413:
+            return _error(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
         raise
     except asyncio.CancelledError:
         raise
@@ -53,34 +57,36 @@ async def errors_middleware(request: web.Request, handler: Callable) -> web.Stre
         return _error(InternalError(f"internal error: {type(e).__name__}: {e}"))
 
 
-def token_middleware(token: str) -> Callable:
-    expected = f"Bearer {token}".encode()
-
+def auth_middleware(auth: Authenticator) -> Callable:
     @web.middleware
-    async def check(request: web.Request, handler: Callable) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return _error(Unauthorized("a valid bearer token is required "
-                                       "(Authorization: Bearer <token>)"))
+    async def identify(request: web.Request, handler: Callable) -> web.StreamResponse:
+        request[CONTEXT_KEY] = auth.authenticate(request)
         return await handler(request)
+    return identify
 
-    return check
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of the body: all of it (``read`` waits for the whole body and
+    enforces ``client_max_size``: 413 beyond it), nested at most as deep as the
+    parser's stack allows (400, never 500)."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    except ValueError as e:        # invalid JSON or invalid UTF-8
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
 
 
 async def _params(request: web.Request, op: Operation) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if request.method in ("POST", "PUT", "DELETE") and request.can_read_body:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise BadRequest(f"request body over {MAX_BODY} bytes")
-        if raw.strip():
-            try:
-                body = json.loads(raw)
-            except ValueError as e:
-                raise BadRequest(f"request body is not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise BadRequest("request body must be a JSON object")
-            params.update(body)
+        params.update(await _body(request))
     params.update(request.query)
     unknown = sorted(set(params) - set(op.params))
     if unknown:
@@ -92,41 +98,40 @@ async def _params(request: web.Request, op: Operation) -> dict[str, Any]:
     return params
 
 
-def _handler(manager: Manager, op: Operation) -> Callable[[web.Request], Awaitable]:
-    method = getattr(manager, f"op_{op.name}")
-
-    async def handle(request: web.Request) -> web.Response:
+def _handler(dispatcher: Dispatcher, op: Operation) -> Callable[[web.Request], Awaitable]:
+    async def handle(request: web.Request) -> web.StreamResponse:
         params = await _params(request, op)
-        if op.lock:
-            name = params.get("name")
-            if not isinstance(name, str):
-                raise BadRequest("name is required")
-            async with manager.locked(name):
-                result = await method(**params)
-        else:
-            result = await method(**params)
+        result = await dispatcher.call(op, request[CONTEXT_KEY], params)
+        if op.websocket:
+            return await _websocket(request, result)
         status = 201 if op.created and not result.get("dry_run") else 200
         return web.json_response(result, status=status)
 
     return handle
 
 
-async def _pipe_ws(ws: web.WebSocketResponse, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter) -> None:
+async def _websocket(request: web.Request, stream: Stream) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    await pipe(ws, stream)
+    return ws
+
+
+async def pipe(ws: web.WebSocketResponse, stream: Stream) -> None:
     """Bytes both ways between a websocket and a stream until either side closes."""
     async def down() -> None:
-        while data := await reader.read(65536):
+        while data := await stream.reader.read(65536):
             await ws.send_bytes(data)
 
     async def up() -> None:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
-                writer.write(msg.data)
+                stream.writer.write(msg.data)
             elif msg.type == WSMsgType.TEXT:
-                writer.write(msg.data.encode())
+                stream.writer.write(msg.data.encode())
             else:
                 break
-            await writer.drain()
+            await stream.writer.drain()
 
     tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
     try:
@@ -134,37 +139,13 @@ async def _pipe_ws(ws: web.WebSocketResponse, reader: asyncio.StreamReader,
     finally:
         for t in tasks:
             t.cancel()
-        writer.close()
+        stream.writer.close()
         await ws.close()
 
 
-def _stream_handler(manager: Manager, op: Operation) -> Callable:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        vm = manager.get(request.match_info["name"])
-        if vm.rec.rt.state != State.RUNNING:
-            raise Conflict(f"VM {vm.name} is {vm.rec.rt.state.value}; {op.name} needs it "
-                           "running")
-        try:
-            if op.stream == "console":
-                sock = connect_unix(vm.run_dir / qargv.CONSOLE_SOCK)
-                reader, writer = await asyncio.open_unix_connection(sock=sock)
-            else:
-                reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                               vm.rec.rt.ssh_port)
-        except OSError as e:
-            raise Conflict(f"{op.name} of {vm.name} is not reachable: {e}") from e
-        ws = web.WebSocketResponse(heartbeat=30)
-        await ws.prepare(request)
-        await _pipe_ws(ws, reader, writer)
-        return ws
-
-    return handle
-
-
-def build_app(manager: Manager, token: str | None = None) -> web.Application:
-    middlewares = [errors_middleware] + ([token_middleware(token)] if token else [])
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+def build_app(dispatcher: Dispatcher, auth: Authenticator) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware(auth)],
+                          client_max_size=MAX_BODY)
     for op in OPERATIONS:
-        handler = _stream_handler(manager, op) if op.websocket else _handler(manager, op)
-        app.router.add_route(op.method, op.url_path, handler, name=op.name)
+        app.router.add_route(op.method, op.url_path, _handler(dispatcher, op), name=op.name)
     return app

@@ -1,55 +1,61 @@
-"""The image operations: list, import, pull, remove, build and its status. A mixin of
-:class:`vmagent.manager.Manager` over its image store (images.py) and build jobs
-(buildjobs.py)."""
+"""The image operations: list, import, pull, remove, build and its status, over the
+image store (:mod:`vmagent.images.store`) and the build jobs
+(:mod:`vmagent.images.build.jobs`). Who uses an image (VMs, templates) is asked of the
+``users`` function the wiring gives (:mod:`vmagent.app`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Callable
 
-from vmagent.qemu.accel import choose
+from vmagent.context import RequestContext
 from vmagent.errors import BadRequest
-from vmagent.spec import parse_flag as _flag
+from vmagent.images.build.jobs import Builds
+from vmagent.images.store import ImageStore
+from vmagent.qemu.host import QemuHost
+from vmagent.spec import parse_flag
 
-if TYPE_CHECKING:
-    from vmagent.manager import Manager
+# the VMs and templates that use an image (their names, for messages)
+Users = Callable[[str], list[str]]
 
 
-class ImageOps:
-    async def op_image_list(self: "Manager") -> dict:
+class ImageService:
+    def __init__(self, images: ImageStore, builds: Builds, host: QemuHost,
+                 state_dir: Path, users: Users) -> None:
+        self.images = images
+        self.builds = builds
+        self.host = host
+        self.state_dir = state_dir
+        self.users = users
+
+    async def list(self, ctx: RequestContext) -> dict:
         have = {i.name for i in self.images.list()}
         return {"images": [i.to_json() for i in self.images.list()],
                 "catalog": [{**self.images.catalog.get(n).to_json(), "pulled": n in have}
                             for n in self.images.catalog.names()]}
 
-    async def op_image_import(self: "Manager", image: Any = None, path: Any = None,
-                              **kw: Any) -> dict:
+    async def import_(self, ctx: RequestContext, image: Any = None, path: Any = None,
+                      **kw: Any) -> dict:
         if not image or not path:
             raise BadRequest("image (a name) and path (a file on the agent's host) are "
                              "required")
         img = await self.images.import_file(image, path, **kw)
-        if (img.kernel and self.accel and not self.accel.probed
-                and not self.settings.accel_override):
-            # the first kernel on this host: now KVM can be verified
-            self.accel = await choose(self.settings.state_dir, [img.kernel],
-                                      binary=self.settings.qemu_binary)
+        if img.kernel:
+            await self.host.new_kernel(self.state_dir, img.kernel)
         return img.to_json()
 
-    async def op_image_pull(self: "Manager", image: str, url: Any = None,
-                            sha256: Any = None) -> dict:
+    async def pull(self, ctx: RequestContext, image: str, url: Any = None,
+                   sha256: Any = None) -> dict:
         return (await self.images.pull(image, url=url, sha256=sha256)).to_json()
 
-    async def op_image_remove(self: "Manager", image: str) -> dict:
-        await self.images.remove(image, self._image_users(image))
+    async def remove(self, ctx: RequestContext, image: str) -> dict:
+        await self.images.remove(image, self.users(image))
         return {"deleted": image}
 
-    def _image_users(self: "Manager", image: str) -> list[str]:
-        users = [n for n, v in self.vms.items() if v.rec.spec.image == image]
-        return users + self.templates_of_image(image)
+    async def build(self, ctx: RequestContext, image: str, replace: Any = False) -> dict:
+        """Start baking ``image`` from its catalog recipe."""
+        return await self.builds.start(image, parse_flag(replace, "replace"),
+                                       lambda: self.users(image))
 
-    async def op_image_build(self: "Manager", image: str, replace: Any = False) -> dict:
-        """Start baking ``image`` from its catalog recipe (buildjobs.py, builder.py)."""
-        return await self.builds.start(image, _flag(replace, "replace"),
-                                       lambda: self._image_users(image))
-
-    async def op_image_build_status(self: "Manager", image: str) -> dict:
+    async def build_status(self, ctx: RequestContext, image: str) -> dict:
         return self.builds.status(image)

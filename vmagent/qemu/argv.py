@@ -12,17 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmagent.rundir import (CONSOLE_LOG, CONSOLE_SOCK, DISK, PIDFILE, QGA_SOCK, QMP_SOCK, SEED,
+                            VNC_SOCK)
+
 QEMU_BINARY = "qemu-system-x86_64"
 
-# Run-dir file names, shared by argv, store and machine.
-PIDFILE = "qemu.pid"
-QMP_SOCK = "qmp.sock"
-CONSOLE_SOCK = "console.sock"
-VNC_SOCK = "vnc.sock"
-QGA_SOCK = "qga.sock"
-CONSOLE_LOG = "console.log"
-DISK = "disk.qcow2"
-SEED = "seed.iso"
 # Block node of the instance disk (live snapshots name it); the drive's id is "disk0".
 DISK_NODE = "hd0"
 # The seed CD's device id (its medium is changed by push_config while running).

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from pathlib import Path
 
 from vmagent.errors import Timeout, VMAgentError
+from vmagent.poll import poll_until
 from vmagent.qemu.qmp import Monitor, guest_agent, guest_agent_call
 
 
@@ -17,7 +17,9 @@ async def guest_exec(qga: Path, name: str, path: str, args: list[str],
     connection for the start and the polling (each new one costs a ``guest-sync``).
     ``agent_wait``: how long to retry while the guest agent does not answer yet."""
     agent_deadline = time.monotonic() + agent_wait
-    while True:
+    last: list[VMAgentError] = []
+
+    async def attempt() -> tuple[int, str] | None:
         started = None
         try:
             async with guest_agent(qga, name, timeout=10) as mon:
@@ -27,36 +29,41 @@ async def guest_exec(qga: Path, name: str, path: str, args: list[str],
         except VMAgentError as e:
             if started is not None:      # it runs (or ran): never start it twice
                 raise
-            if time.monotonic() > agent_deadline:
-                raise Timeout(f"{name}: the guest agent did not run {path} "
-                              f"({e.message})") from e
-            await asyncio.sleep(0.05)
+            last[:] = [e]
+            return None
+
+    result = await poll_until(attempt, max(0.0, agent_deadline - time.monotonic()),
+                              interval=0.05)
+    if result is None:
+        raise Timeout(f"{name}: the guest agent did not run {path} "
+                      f"({last[0].message if last else 'no answer'})")
+    return result
 
 
 async def _exec_status(mon: Monitor, name: str, path: str, pid: int,
                        timeout: float) -> tuple[int, str]:
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
+    async def exited() -> dict | None:
         st = await mon.execute("guest-exec-status", {"pid": pid}, 10)
-        if st.get("exited"):
-            out = base64.b64decode(st.get("out-data", "") or "") + \
-                base64.b64decode(st.get("err-data", "") or "")
-            return st.get("exitcode", -1), out.decode("utf-8", "replace")
-        if time.monotonic() > deadline:
-            raise Timeout(f"{name}: {path} did not finish in the guest within {timeout:g}s")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        return st if st.get("exited") else None
+
+    st = await poll_until(exited, timeout, interval=0.02, max_interval=0.1,
+                          error=f"{name}: {path} did not finish in the guest within "
+                                f"{timeout:g}s")
+    assert st is not None
+    out = base64.b64decode(st.get("out-data", "") or "") + \
+        base64.b64decode(st.get("err-data", "") or "")
+    return st.get("exitcode", -1), out.decode("utf-8", "replace")
+
+
+async def guest_ping(qga: Path, name: str, timeout: float = 2.0) -> bool:
+    """Whether the guest agent answers (a ``guest-ping`` on a fresh connection)."""
+    try:
+        await guest_agent_call(qga, name, "guest-ping", timeout=timeout)
+        return True
+    except VMAgentError:
+        return False
 
 
 async def wait_guest_agent(qga: Path, name: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await guest_agent_call(qga, name, "guest-ping", timeout=2)
-            return
-        except VMAgentError as e:
-            if time.monotonic() > deadline:
-                raise Timeout(f"{name}: the guest agent did not answer within "
-                              f"{timeout:g}s ({e.message})") from e
-            await asyncio.sleep(0.1)
+    await poll_until(lambda: guest_ping(qga, name), timeout, interval=0.1,
+                     error=f"{name}: the guest agent did not answer within {timeout:g}s")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
-from vmagent.qemu import argv as qargv
+from vmagent import rundir
 from vmagent.errors import Timeout, VMLaunchFailure
+from vmagent.poll import poll_until
+from vmagent.qemu import argv as qargv
 
 LAUNCH_TIMEOUT = 120.0
 
@@ -65,7 +66,7 @@ class Machine:
 
     @property
     def pidfile(self) -> Path:
-        return self.run_dir / qargv.PIDFILE
+        return self.run_dir / rundir.PIDFILE
 
     def pid(self) -> int | None:
         """The pid of this VM's running qemu, or None. Checks the command line."""
@@ -87,9 +88,7 @@ class Machine:
 
     async def launch(self, argv: list[str], timeout: float = LAUNCH_TIMEOUT) -> int:
         """Start qemu (it daemonizes once its devices are set up) and return its pid."""
-        for stale in (qargv.PIDFILE, qargv.QMP_SOCK, qargv.CONSOLE_SOCK, qargv.VNC_SOCK,
-                      qargv.QGA_SOCK):
-            (self.run_dir / stale).unlink(missing_ok=True)
+        rundir.clear_runtime(self.run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=self.run_dir, stdin=asyncio.subprocess.DEVNULL,
@@ -131,12 +130,9 @@ class Machine:
         zombie: an exiting process loses its command line before it closes its files
         (and with them the disk image locks)."""
         self.pid()
-        deadline = time.monotonic() + timeout
-        while self._seen is not None and _running(*self._seen):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
+        return bool(await poll_until(
+            lambda: self._seen is None or not _running(*self._seen), timeout,
+            interval=0.05))
 
     async def kill_and_wait(self, timeout: float = 10.0) -> None:
         self.kill(signal.SIGKILL)

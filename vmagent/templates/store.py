@@ -25,9 +25,9 @@ vmgenid on the command line is written into the guest by qemu when the state is 
 then. Debian's cloud kernel has none, so the script also mixes in host entropy and
 forces a reseed (``RNDRESEEDCRNG``) before anything else runs.
 
-This module is the template store; the operations are in :mod:`vmagent.warm` (a mixin
-of :class:`~vmagent.manager.Manager`), the clone's new identity in
-:mod:`vmagent.reidentify`.
+This module is the template store; the operations are in :mod:`vmagent.templates.service`,
+the warm create in :mod:`vmagent.templates.warm`, the clone's new identity in
+:mod:`vmagent.identity.reidentify`.
 """
 from __future__ import annotations
 
@@ -35,23 +35,19 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import shutil
-import time
 from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from vmagent.qemu import argv as qargv
-from vmagent.errors import Conflict, ImageError, NotFound, VMAgentError
-from vmagent.fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
+from vmagent import rundir
+from vmagent.errors import ImageError, NotFound, VMAgentError
+from vmagent.fsutil import (FormatError, StagedDir, fsync_dir, read_record, remove_dir,
+                            sha256_file, sweep, write_record)
 from vmagent.spec import check_name
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FILE = "template.json"
-STATE_FILE = "vmstate.bin"
-CLONE_MARKER = "template"            # in a clone's run dir: the template's name
+RECORD_FORMAT = 1        # 0: vmagent 0.1's unversioned template.json (same keys)
 
 
 @dataclasses.dataclass
@@ -88,23 +84,22 @@ class Template:
     @property
     def disk_path(self) -> Path:
         assert self.path is not None
-        return self.path / qargv.DISK
+        return self.path / rundir.DISK
 
     @property
     def state_path(self) -> Path:
         assert self.path is not None
-        return self.path / STATE_FILE
+        return self.path / rundir.SAVED_STATE
 
 
 class TemplateStore:
-    """``STATE/templates``: one directory per template, staged as ``.new-T-x``."""
+    """``STATE/templates``: one directory per template, staged under a hidden name."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".new-*"):
-            log.warning("removing leftover template build %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in sweep(self.root):
+            log.warning("removed leftover template directory %s", leftover)
         self._verified: dict[str, tuple] = {}   # name -> stat key of the verified file
 
     def dir(self, name: str) -> Path:
@@ -112,21 +107,22 @@ class TemplateStore:
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if not p.name.startswith(".") and (p / TEMPLATE_FILE).is_file())
+                      if not p.name.startswith(".") and (p / rundir.TEMPLATE_RECORD).is_file())
 
     def exists(self, name: str) -> bool:
-        return (self.dir(name) / TEMPLATE_FILE).is_file()
+        return (self.dir(name) / rundir.TEMPLATE_RECORD).is_file()
 
     def get(self, name: str) -> Template:
         check_name(name)
         path = self.dir(name)
         try:
-            data = read_json(path / TEMPLATE_FILE)
+            data = read_record(path / rundir.TEMPLATE_RECORD, RECORD_FORMAT)
         except FileNotFoundError:
             raise NotFound(f"no template named {name!r} (see 'vmctl template list')",
                            template=name) from None
-        except (OSError, ValueError) as e:
-            raise ImageError(f"template {name!r}: unreadable {TEMPLATE_FILE}: {e}") from e
+        except (OSError, ValueError, FormatError) as e:
+            raise ImageError(f"template {name!r}: unreadable {rundir.TEMPLATE_RECORD}: "
+                             f"{e}") from e
         return Template.from_json(data, path)
 
     def list(self) -> list[Template]:
@@ -137,20 +133,14 @@ class TemplateStore:
         return out
 
     def save(self, tpl: Template, directory: Path) -> None:
-        atomic_write_json(directory / TEMPLATE_FILE, tpl.to_json(), mode=0o444)
+        write_record(directory / rundir.TEMPLATE_RECORD, tpl.to_json(), RECORD_FORMAT,
+                     mode=0o444)
 
-    def new_dir(self, name: str) -> Path:
-        path = self.root / f".new-{name}-{os.urandom(4).hex()}"
-        path.mkdir(mode=0o750)
-        return path
+    def staged(self, name: str) -> StagedDir:
+        return StagedDir(self.root, name)
 
-    def commit(self, staging: Path, name: str) -> Path:
-        final = self.dir(name)
-        if final.exists():
-            raise Conflict(f"template {name!r} already exists")
-        os.rename(staging, final)
-        fsync_dir(self.root)
-        return final
+    def commit(self, staged: StagedDir, name: str) -> Path:
+        return staged.commit(self.dir(name))
 
     async def verify(self, tpl: Template) -> None:
         """The state file is the one saved: its size, then its sha256 (hashed once per
@@ -192,75 +182,14 @@ class TemplateStore:
         self._verified.pop(name, None)
         if keep_disk:
             for p in path.iterdir():
-                if p.name != qargv.DISK:
+                if p.name != rundir.DISK:
                     p.unlink()
             fsync_dir(path)
             return
-        grave = self.root / f".new-del-{name}-{os.urandom(4).hex()}"
-        os.rename(path, grave)
-        fsync_dir(self.root)
-        rmtree_readonly(grave)
+        remove_dir(path)
 
     def orphans(self) -> list[str]:
         """Directories of removed templates kept for their disk."""
         return sorted(p.name for p in self.root.iterdir()
                       if not p.name.startswith(".") and p.is_dir()
-                      and not (p / TEMPLATE_FILE).exists())
-
-
-BUILD_STEPS = ("image", "disk", "boot", "quiesce", "save", "freeze")
-
-
-class BuildSteps:
-    """The steps of a template being built, for ``template_show`` while it runs (the same
-    shape as an image build's status: vmctl shows both with one display)."""
-
-    def __init__(self, name: str, console_log: Path) -> None:
-        self.name, self.console_log = name, console_log
-        self.t0 = time.monotonic()
-        self.steps: list[dict[str, Any]] = []
-        self.error: str | None = None
-        self._tail = ""
-
-    def step(self, name: str) -> None:
-        now = time.monotonic()
-        if self.steps and self.steps[-1]["state"] == "running":
-            self.steps[-1].update(state="done", end=now)
-        self.steps.append({"name": name, "state": "running", "start": now})
-
-    def fail(self, error: str) -> None:
-        """The build failed (the first call counts); the console's tail is kept, since
-        the staging dir with the log is removed next."""
-        if self.error is not None:
-            return
-        self._tail = self._read_tail()
-        if self.steps and self.steps[-1]["state"] == "running":
-            self.steps[-1].update(state="failed", end=time.monotonic())
-        self.error = error
-
-    def _read_tail(self) -> str:
-        try:
-            with open(self.console_log, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        tail = self._tail if self.error is not None else self._read_tail()
-        current = self.steps[-1]["name"] if self.steps else None
-        return {"name": self.name, "state": "failed" if self.error else "building",
-                "step": current, "all_steps": list(BUILD_STEPS), "error": self.error,
-                "seconds": round(now - self.t0, 1), "log": str(self.console_log),
-                "log_tail": tail,
-                "steps": [{"name": s["name"], "state": s["state"],
-                           "seconds": round(s.get("end", now) - s["start"], 1)}
-                          for s in self.steps]}
-
-
-def rmtree_readonly(path: Path) -> None:
-    for p in path.rglob("*"):
-        with contextlib.suppress(OSError):
-            os.chmod(p, 0o644 if p.is_file() else 0o755)
-    shutil.rmtree(path, ignore_errors=True)
+                      and not (p / rundir.TEMPLATE_RECORD).exists())

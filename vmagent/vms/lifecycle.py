@@ -1,49 +1,58 @@
-"""The lifecycle operations of a VM that exists: start, shutdown, poweroff, reboot,
-reset, hard_reset, snapshot(s). A mixin of :class:`vmagent.manager.Manager` (the server
-calls ``op_<name>`` under the VM's lock)."""
+"""The lifecycle of a VM that exists: start, shutdown, poweroff, reboot, reset,
+hard_reset, snapshot(s); and what happens when its qemu is found gone (the watcher) or
+found running (re-adoption after an agent restart). Operations marked ``lock`` in the
+table run under the VM's lock (the dispatcher takes it)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from vmagent.qemu import argv as qargv
+from vmagent import rundir
+from vmagent.context import RequestContext
+from vmagent.errors import BadRequest, VMAgentError
 from vmagent.qemu import disks
-from vmagent.errors import BadRequest, Conflict, VMAgentError
-from vmagent.spec import parse_timeout as _timeout
-from vmagent.vms.store import State
+from vmagent.spec import parse_timeout
+from vmagent.vms.launcher import Launcher
+from vmagent.vms.registry import VMRegistry
+from vmagent.vms.state import ACTIVE, State
+from vmagent.vms.status import vm_status
 from vmagent.vms.vm import VM
-from vmagent.vms.watcher import vm_status
-
-if TYPE_CHECKING:
-    from vmagent.manager import Manager
 
 log = logging.getLogger(__name__)
 
 _SNAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PANICKED = "the guest kernel panicked"
+VANISHED = "qemu exited unexpectedly (see the console log)"
 
 
-class LifecycleOps:
-    def _need(self: "Manager", vm: VM, *states: State) -> None:
-        if vm.rec.rt.state not in states:
-            want = " or ".join(s.value for s in states)
-            raise Conflict(f"VM {vm.name} is {vm.rec.rt.state.value}; this needs it {want}",
-                           state=vm.rec.rt.state.value)
+@dataclass(frozen=True)
+class Timeouts:
+    shutdown: float = 60.0
+    reboot: float = 60.0
 
-    async def op_start(self: "Manager", name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.STOPPED, State.BROKEN)
-        await self._launch(vm)
+
+class Lifecycle:
+    def __init__(self, registry: VMRegistry, launcher: Launcher,
+                 timeouts: Timeouts = Timeouts()) -> None:
+        self.registry = registry
+        self.launcher = launcher
+        self.timeouts = timeouts
+
+    async def start(self, ctx: RequestContext, name: str) -> dict:
+        vm = self.registry.get(name)
+        self.registry.need(vm, State.STOPPED, State.BROKEN)
+        await self.launcher.launch(vm)
         return vm_status(vm)
 
-    async def op_shutdown(self: "Manager", name: str, timeout: Any = None) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING)
-        wait = _timeout(timeout, self.settings.shutdown_timeout)
-        vm.rec.rt.state = State.STOPPING
-        self.store.save_state(vm.rec)
+    async def shutdown(self, ctx: RequestContext, name: str, timeout: Any = None) -> dict:
+        vm = self.registry.get(name)
+        self.registry.need(vm, State.RUNNING)
+        wait = parse_timeout(timeout, self.timeouts.shutdown)
+        self.registry.transition(vm, State.STOPPING)
         forced = False
         try:
             if not await vm.powerdown(wait):
@@ -54,60 +63,86 @@ class LifecycleOps:
         if forced:
             await vm.quit()
         await vm.detach()
-        rt = vm.rec.rt
-        rt.state, rt.started_at = State.STOPPED, None
-        rt.reason = (f"forced off: the guest did not power down within {wait:g}s"
-                     if forced else None)
-        self.store.save_state(vm.rec)
+        self.registry.transition(
+            vm, State.STOPPED, f"forced off: the guest did not power down within {wait:g}s"
+            if forced else None, started_at=None)
         return vm_status(vm)
 
-    async def op_poweroff(self: "Manager", name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING, State.BROKEN, State.STARTING, State.STOPPING)
+    async def poweroff(self, ctx: RequestContext, name: str) -> dict:
+        vm = self.registry.get(name)
+        self.registry.need(vm, State.RUNNING, State.BROKEN, State.STARTING, State.STOPPING)
         await vm.quit()
-        vm.rec.rt.state, vm.rec.rt.started_at, vm.rec.rt.reason = State.STOPPED, None, None
-        self.store.save_state(vm.rec)
+        self.registry.transition(vm, State.STOPPED, started_at=None)
         return vm_status(vm)
 
-    async def op_reboot(self: "Manager", name: str, timeout: Any = None) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING)
-        method = await vm.reboot(_timeout(timeout, self.settings.reboot_timeout))
+    async def reboot(self, ctx: RequestContext, name: str, timeout: Any = None) -> dict:
+        vm = self.registry.get(name)
+        self.registry.need(vm, State.RUNNING)
+        method = await vm.reboot(parse_timeout(timeout, self.timeouts.reboot))
         vm.rec.rt.config_pending = False
-        self.store.save_state(vm.rec)
+        self.registry.save(vm)
         return {**vm_status(vm), "method": method}
 
-    async def op_reset(self: "Manager", name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING)
+    async def reset(self, ctx: RequestContext, name: str) -> dict:
+        vm = self.registry.get(name)
+        self.registry.need(vm, State.RUNNING)
         await vm.reset()
         vm.reset_boot()
-        self.store.save_state(vm.rec)
+        self.registry.save(vm)
         return vm_status(vm)
 
-    async def op_hard_reset(self: "Manager", name: str) -> dict:
-        vm = self.get(name)
-        self._need(vm, State.RUNNING, State.BROKEN, State.STARTING)
+    async def hard_reset(self, ctx: RequestContext, name: str) -> dict:
+        vm = self.registry.get(name)
+        self.registry.need(vm, State.RUNNING, State.BROKEN)
         await vm.detach()
         if vm.machine.alive():
             await vm.machine.kill_and_wait()
-        await self._launch(vm)
+        await self.launcher.launch(vm)
         return vm_status(vm)
 
-    async def op_snapshot(self: "Manager", name: str, snapshot: Any = None) -> dict:
-        vm = self.get(name)
+    async def snapshot(self, ctx: RequestContext, name: str, snapshot: Any = None) -> dict:
+        vm = self.registry.get(name)
         tag = snapshot or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
         if not isinstance(tag, str) or not _SNAP_RE.fullmatch(tag):
             raise BadRequest("snapshot: a name of letters, digits, '.', '_' and '-' "
                              "(at most 64), starting with a letter or digit")
-        self._need(vm, State.RUNNING)
+        self.registry.need(vm, State.RUNNING)
         snap = await vm.snapshot(tag)
         return {"snapshot": snap, **vm_status(vm)}
 
-    async def op_snapshots(self: "Manager", name: str) -> dict:
-        vm = self.get(name)
+    async def snapshots(self, ctx: RequestContext, name: str) -> dict:
+        vm = self.registry.get(name)
         if vm.rec.rt.state == State.RUNNING:
             return {"snapshots": await vm.snapshots()}
         return {"snapshots": [{"name": s["name"], "date": s.get("date-sec"),
                                "vm_state_size": s.get("vm-state-size", 0)}
-                              for s in await disks.snapshot_list(vm.run_dir / qargv.DISK)]}
+                              for s in await disks.snapshot_list(vm.run_dir / rundir.DISK)]}
+
+    # --- what the agent finds -----------------------------------------------------------
+
+    async def reconcile(self, vm: VM) -> None:
+        """Make the recorded state agree with the process table (after a restart)."""
+        if vm.machine.alive():
+            try:
+                await vm.attach()
+            except VMAgentError as e:
+                log.warning("%s: qemu runs but QMP does not answer: %s", vm.name, e)
+            if vm.rec.rt.state != State.RUNNING:
+                self.registry.transition(vm, State.RUNNING, "re-adopted")
+            log.info("%s: adopted running qemu pid %s", vm.name, vm.machine.pid())
+        elif vm.rec.rt.state in ACTIVE:
+            await self.mark_gone(vm)
+
+    async def mark_gone(self, vm: VM) -> None:
+        """qemu is gone without the agent asking: the guest powered itself off (stopped)
+        or it died (broken, with the reason)."""
+        await vm.detach()
+        rt = vm.rec.rt
+        if vm.panicked or rt.reason == PANICKED:
+            new, reason = State.BROKEN, PANICKED
+        elif vm.last_event == "SHUTDOWN" or vm.powered_down() or rt.state == State.STOPPING:
+            new, reason = State.STOPPED, None
+        else:
+            new, reason = State.BROKEN, VANISHED
+        log.warning("%s: qemu is gone; now %s", vm.name, new.value)
+        self.registry.transition(vm, new, reason, started_at=None)

@@ -1,51 +1,41 @@
-"""Run directories and VM state on disk.
+"""VM records on disk: ``STATE_DIR/vms/NAME/`` (file names in :mod:`vmagent.rundir`).
 
-``STATE_ROOT/vms/<name>/`` holds everything of one VM: ``spec.json``, ``state.json``,
-``argv.json``, ``disk.qcow2``, ``seed.iso``, ``qemu.pid``, the sockets and
-``console.log``. Every JSON file is written atomically (write, fsync, rename). A VM is
-being created in ``vms/.new-<name>-<rand>/`` and appears by one rename; a VM being
-deleted is renamed to ``vms/.del-<name>-<rand>/`` first. Leftovers of either (after a
-crash) are removed when the store opens, so no half VM is ever listed.
+``spec.json`` (what the VM is) and ``state.json`` (its runtime state) are versioned
+records written atomically (write, fsync, rename). A VM is staged in a hidden directory
+and appears by one rename; a deleted VM disappears by one rename first. Leftovers of
+either (after a crash) are removed when the store opens, so no half VM is ever listed.
+Keys a newer agent wrote and this one does not know are kept and written back, with a
+warning, rather than dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmagent import rundir
 from vmagent.errors import InternalError
-from vmagent.fsutil import atomic_write_json, fsync_dir, read_json
+from vmagent.fsutil import (FormatError, StagedDir, atomic_write_json, read_record,
+                            remove_dir, sweep, write_record)
 from vmagent.spec import VMSpec
+from vmagent.vms.state import State
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "spec.json"
-STATE_FILE = "state.json"
-ARGV_FILE = "argv.json"
-
-
-class State(str, enum.Enum):
-    CREATING = "creating"
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    BROKEN = "broken"
-    DELETING = "deleting"
+SPEC_FORMAT = 1          # 0: the unversioned files of vmagent 0.1 (same keys)
+STATE_FORMAT = 1
 
 
 @dataclass
 class Runtime:
     """What state.json holds: the state and what the next/current qemu run needs."""
 
-    state: State = State.CREATING
+    state: State = State.STOPPED
     accel: str | None = None
     ssh_port: int | None = None
     mac: str = ""
@@ -56,17 +46,22 @@ class Runtime:
     boot_offset: int = 0                # console.log size when the current boot began
     reason: str | None = None           # why broken / what last failed
     config_pending: bool = False        # push_config done, not yet booted with it
+    creating: bool = False              # the create has not answered yet (rolled back
+                                        # after a restart)
+    changed_at: float | None = None     # epoch seconds of the last state change
+    extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         out["state"] = self.state.value
-        return out
+        return {**self.extra, **out}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Runtime":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         rt = cls(**{k: v for k, v in data.items() if k in known})
         rt.state = State(rt.state)
+        rt.extra = {k: v for k, v in data.items() if k not in known}
         return rt
 
 
@@ -76,11 +71,13 @@ class VMRecord:
     run_dir: Path
     spec: VMSpec
     rt: Runtime = field(default_factory=Runtime)
+    spec_extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
 
-def spec_from_json(data: dict[str, Any]) -> VMSpec:
-    known = set(VMSpec.FIELDS)
-    return VMSpec(**{k: v for k, v in data.items() if k in known})
+def _unknown(name: str, what: str, keys: list[str]) -> None:
+    if keys:
+        log.warning("VM %s: %s has keys this agent does not know (kept): %s", name, what,
+                    ", ".join(sorted(keys)))
 
 
 class Store:
@@ -89,55 +86,55 @@ class Store:
         self.vms_dir = self.root / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o750)
-        for leftover in self.vms_dir.glob(".*"):
-            log.warning("removing leftover %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in sweep(self.vms_dir):
+            log.warning("removed leftover %s", leftover)
 
     def run_dir(self, name: str) -> Path:
         return self.vms_dir / name
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.vms_dir.iterdir()
-                      if not p.name.startswith(".") and (p / STATE_FILE).exists())
+                      if not p.name.startswith(".") and (p / rundir.STATE).exists())
 
     def load(self, name: str) -> VMRecord:
         run = self.run_dir(name)
         try:
-            spec = spec_from_json(read_json(run / SPEC_FILE))
-            rt = Runtime.from_json(read_json(run / STATE_FILE))
-        except (OSError, ValueError, TypeError) as e:
+            spec_doc = read_record(run / rundir.SPEC, SPEC_FORMAT)
+            state_doc = read_record(run / rundir.STATE, STATE_FORMAT)
+            known = set(VMSpec.FIELDS)
+            spec = VMSpec(**{k: v for k, v in spec_doc.items() if k in known})
+            rt = Runtime.from_json(state_doc)
+        except (OSError, ValueError, TypeError, FormatError) as e:
             raise InternalError(f"VM {name}: unreadable state in {run}: {e}") from e
-        return VMRecord(name, run, spec, rt)
+        spec_extra = {k: v for k, v in spec_doc.items() if k not in known}
+        _unknown(name, rundir.SPEC, list(spec_extra))
+        _unknown(name, rundir.STATE, list(rt.extra))
+        return VMRecord(name, run, spec, rt, spec_extra)
 
-    def new_dir(self, name: str) -> Path:
-        path = self.vms_dir / f".new-{name}-{os.urandom(4).hex()}"
-        path.mkdir(mode=0o750)
-        return path
+    def staged(self, name: str) -> StagedDir:
+        """A hidden directory to build a new VM in; :meth:`commit` makes it the VM's."""
+        return StagedDir(self.vms_dir, name)
 
-    def commit_new(self, staging: Path, name: str) -> Path:
-        """Make a staged VM visible. Fails if the name was taken meanwhile."""
-        final = self.run_dir(name)
-        if final.exists():
-            raise FileExistsError(str(final))
-        os.rename(staging, final)
-        fsync_dir(self.vms_dir)
-        return final
+    def commit(self, staged: StagedDir, rec: VMRecord) -> None:
+        """Make a staged VM visible (FileExistsError if the name was taken meanwhile)."""
+        rec.run_dir = staged.commit(self.run_dir(rec.name))
 
     def save_spec(self, rec: VMRecord) -> None:
-        atomic_write_json(rec.run_dir / SPEC_FILE, rec.spec.to_dict())
+        write_record(rec.run_dir / rundir.SPEC, {**rec.spec_extra, **rec.spec.to_dict()},
+                     SPEC_FORMAT)
 
     def save_state(self, rec: VMRecord) -> None:
-        atomic_write_json(rec.run_dir / STATE_FILE, rec.rt.to_json())
+        write_record(rec.run_dir / rundir.STATE, rec.rt.to_json(), STATE_FORMAT)
+
+    def save(self, rec: VMRecord) -> None:
+        self.save_spec(rec)
+        self.save_state(rec)
 
     def save_argv(self, rec: VMRecord, argv: list[str]) -> None:
-        atomic_write_json(rec.run_dir / ARGV_FILE, argv)
+        atomic_write_json(rec.run_dir / rundir.ARGV, argv)   # a plain list: for people
 
     def remove(self, name: str) -> None:
-        run = self.run_dir(name)
-        grave = self.vms_dir / f".del-{name}-{os.urandom(4).hex()}"
-        os.rename(run, grave)
-        fsync_dir(self.vms_dir)
-        shutil.rmtree(grave)
+        remove_dir(self.run_dir(name))
 
 
 def now_iso() -> str:

@@ -1,27 +1,32 @@
-"""One VM at run time: its qemu process, its QMP connection and events, its readiness.
+"""One VM at run time: its record, its qemu process, its QMP connection and events, its
+readiness.
 
-The manager owns locking and state transitions; this module does the work on one VM:
-launch qemu and attach QMP, the lifecycle primitives (powerdown, reboot, reset, quit,
-kill, live snapshot), and what status reports about the guest (SSH banner, cloud-init
-and kernel progress read from the console log of the current boot).
+This module does the work on one VM: launch qemu and attach QMP, the lifecycle
+primitives (powerdown, reboot, reset, quit, live snapshot), and what the status reports
+about the guest (SSH banner; kernel and cloud-init progress read from the console log
+of the current boot). Locking and state transitions are the registry's
+(:mod:`vmagent.vms.registry`); the operations that combine them are in
+:mod:`vmagent.vms.lifecycle` and :mod:`vmagent.vms.service`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from vmagent.identity import hostkeys
-from vmagent.qemu import argv as qargv
+from vmagent import rundir
 from vmagent.errors import Conflict, QMPFailure, Timeout, VMAgentError
-from vmagent.fsutil import atomic_write
+from vmagent.identity import hostkeys
+from vmagent.poll import poll_until
+from vmagent.qemu import argv as qargv
+from vmagent.qemu.console import ConsoleLog
 from vmagent.qemu.machine import Machine
 from vmagent.qemu.qmp import Monitor, guest_agent_call
+from vmagent.vms.events import EventLog
 from vmagent.vms.store import VMRecord
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,9 @@ _CI_DONE = re.compile(rb"Cloud-init v\. \S+ finished at")
 _CI_RUNNING = re.compile(rb"Cloud-init v\. \S+ running|cloud-init\[\d+\]")
 _KERNEL = re.compile(rb"Linux version \d")
 _POWER_DOWN = (b"reboot: Power down", b"reboot: System halted")
+QUIT_TIMEOUT = 2.0        # QMP quit unanswered this long: SIGKILL at once
+QUIT_WAIT = 5.0           # quit answered (or the monitor gone): qemu exits within this
+BOOT_SCAN_MAX = 8 << 20
 
 
 async def ssh_banner(host: str, port: int, timeout: float = 1.5) -> bool:
@@ -57,6 +65,7 @@ class VM:
         self.resets = 0                 # RESET events seen since attach
         self.shutdowns = 0              # SHUTDOWN events seen since attach
         self.last_event: str | None = None
+        self.panicked = False           # GUEST_PANICKED seen
         self.ssh_ready = False
         self.ssh_checked = 0.0
         self._scan: tuple[int, int, dict] = (-1, -1, {})   # (offset, size, result)
@@ -71,11 +80,23 @@ class VM:
     def run_dir(self) -> Path:
         return self.rec.run_dir
 
+    @property
+    def console(self) -> ConsoleLog:
+        return ConsoleLog(self.run_dir / rundir.CONSOLE_LOG)
+
+    @property
+    def event_log(self) -> EventLog:
+        return EventLog(self.run_dir)
+
+    @property
+    def qga(self) -> Path:
+        return self.run_dir / rundir.QGA_SOCK
+
     # --- process and QMP --------------------------------------------------------------
 
     async def launch(self, argv: list[str]) -> int:
-        self.trim_console_log()
-        before = self.console_size()          # the new boot's output starts here
+        self.console.trim()
+        before = self.console.size()          # the new boot's output starts here
         pid = await self.machine.launch(argv)
         self.reset_boot(before)
         await self.attach()
@@ -84,7 +105,7 @@ class VM:
     async def attach(self) -> None:
         """Connect QMP (after launch, or to re-adopt a running qemu) and watch events."""
         await self.detach()
-        mon = Monitor(self.run_dir / qargv.QMP_SOCK, self.name)
+        mon = Monitor(self.run_dir / rundir.QMP_SOCK, self.name)
         await mon.connect()
         self.monitor = mon
         self._events = asyncio.create_task(self._watch_events(mon))
@@ -109,7 +130,7 @@ class VM:
                 elif kind == "SHUTDOWN":
                     self.shutdowns += 1
                 elif kind == "GUEST_PANICKED":
-                    self.rec.rt.reason = "the guest kernel panicked"
+                    self.panicked = True
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the monitor went away with qemu
@@ -126,7 +147,7 @@ class VM:
 
     def reset_boot(self, offset: int | None = None) -> None:
         """A new boot begins: readiness is judged from here on."""
-        self.rec.rt.boot_offset = self.console_size() if offset is None else offset
+        self.rec.rt.boot_offset = self.console.size() if offset is None else offset
         self.ssh_ready = False
         self.ssh_checked = 0.0
 
@@ -140,12 +161,17 @@ class VM:
         return await self.machine.wait_gone(timeout)
 
     async def quit(self) -> None:
-        """Stop qemu now: QMP quit, SIGKILL if that does not end it."""
+        """Stop qemu now: QMP quit; SIGKILL when it does not answer at once (a hung or
+        stopped qemu) or does not exit right after."""
+        hung = False
         try:
-            await self.qmp("quit", timeout=5)
+            await self.qmp("quit", timeout=QUIT_TIMEOUT)
+        except Timeout:
+            hung = True
+            log.info("%s: quit unanswered within %gs; killing", self.name, QUIT_TIMEOUT)
         except VMAgentError as e:
-            log.info("%s: quit: %s; killing", self.name, e)
-        if not await self.machine.wait_gone(10):
+            log.info("%s: quit: %s", self.name, e)
+        if hung or not await self.machine.wait_gone(QUIT_WAIT):
             await self.machine.kill_and_wait()
         await self.detach()
 
@@ -177,9 +203,8 @@ class VM:
         """Ask the guest agent to reboot or power off. ``guest-shutdown`` runs
         ``shutdown -r +0``, which needs logind (and D-Bus); where that fails, run
         ``systemctl`` directly. True if the guest took the order."""
-        qga = self.run_dir / qargv.QGA_SOCK
         try:
-            await guest_agent_call(qga, self.name, "guest-shutdown",
+            await guest_agent_call(self.qga, self.name, "guest-shutdown",
                                    {"mode": mode}, timeout=3, no_reply=True)
             return True
         except VMAgentError as e:
@@ -187,7 +212,7 @@ class VM:
             if "failed" not in e.message:    # no agent at all: don't try again
                 return False
         try:
-            await guest_agent_call(qga, self.name, "guest-exec", {
+            await guest_agent_call(self.qga, self.name, "guest-exec", {
                 "path": "systemctl", "arg": ["reboot" if mode == "reboot" else "poweroff"]},
                 timeout=3)
             return True
@@ -196,12 +221,16 @@ class VM:
             return False
 
     async def _wait_count(self, attr: str, before: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while getattr(self, attr) == before:
-            if time.monotonic() > deadline or not self.machine.alive():
-                return False
-            await asyncio.sleep(0.2)
-        return True
+        def changed() -> bool | None:
+            if getattr(self, attr) != before:
+                return True
+            if not self.machine.alive():
+                raise _Gone()
+            return None
+        try:
+            return bool(await poll_until(changed, timeout, interval=0.2))
+        except _Gone:
+            return False
 
     async def reset(self) -> None:
         await self.qmp("system_reset")
@@ -211,19 +240,20 @@ class VM:
         if any(s["name"] == tag for s in await self.snapshots()):
             raise Conflict(f"VM {self.name} already has a snapshot named {tag!r}")
         job = f"snap-{int(time.time() * 1000)}"
-        await self.qmp("snapshot-save", {"job-id": job, "tag": tag, "vmstate": qargv.DISK_NODE,
+        await self.qmp("snapshot-save", {"job-id": job, "tag": tag,
+                                         "vmstate": qargv.DISK_NODE,
                                          "devices": [qargv.DISK_NODE]})
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def concluded() -> dict | None:
             jobs = {j["id"]: j for j in await self.qmp("query-jobs")}
-            j = jobs.get(job)
-            if j is None or j["status"] == "concluded":
-                break
-            if time.monotonic() > deadline:
-                raise Timeout(f"snapshot {tag!r} of {self.name} did not finish in "
-                              f"{timeout:g}s")
-            await asyncio.sleep(0.2)
-        if j is not None:
+            j = jobs.get(job, {"status": "concluded", "gone": True})
+            return j if j["status"] == "concluded" else None
+
+        j = await poll_until(concluded, timeout, interval=0.2,
+                             error=f"snapshot {tag!r} of {self.name} did not finish in "
+                                   f"{timeout:g}s")
+        assert j is not None
+        if not j.get("gone"):
             await self.qmp("job-dismiss", {"id": job})
             if j.get("error"):
                 raise QMPFailure(f"snapshot {tag!r} of {self.name} failed: {j['error']}")
@@ -243,34 +273,13 @@ class VM:
 
     # --- readiness ----------------------------------------------------------------------
 
-    def trim_console_log(self, limit: int = 8 << 20, keep: int = 1 << 20) -> None:
-        """The log is appended to across boots: before a start, cut it to its last
-        ``keep`` bytes once it is over ``limit`` (qemu is not running: no writer)."""
-        path = self.run_dir / qargv.CONSOLE_LOG
-        if self.console_size() <= limit:
-            return
-        with open(path, "rb") as f:
-            f.seek(-keep, os.SEEK_END)
-            tail = f.read()
-        atomic_write(path, tail)
-
-    def console_size(self) -> int:
-        try:
-            return (self.run_dir / qargv.CONSOLE_LOG).stat().st_size
-        except OSError:
-            return 0
-
     def boot_progress(self) -> dict:
         """What the console log of the current boot shows: kernel, cloud-init."""
-        offset, size = self.rec.rt.boot_offset, self.console_size()
+        log_ = self.console
+        offset, size = self.rec.rt.boot_offset, log_.size()
         if self._scan[:2] == (offset, size):
             return self._scan[2]
-        try:
-            with open(self.run_dir / qargv.CONSOLE_LOG, "rb") as f:
-                f.seek(offset)
-                data = f.read(8 << 20)
-        except OSError:
-            data = b""
+        data = log_.read(offset, BOOT_SCAN_MAX)
         done = _CI_DONE.search(data)
         result = {"kernel": bool(_KERNEL.search(data)),
                   "cloud_init": "done" if done else
@@ -281,12 +290,7 @@ class VM:
 
     def powered_down(self) -> bool:
         """Whether the console log ends with the guest powering itself off."""
-        try:
-            with open(self.run_dir / qargv.CONSOLE_LOG, "rb") as f:
-                f.seek(max(0, self.console_size() - 4096))
-                tail = f.read()
-        except OSError:
-            return False
+        tail = self.console.tail(4096)
         return any(m in tail for m in _POWER_DOWN)
 
     async def check_ssh(self) -> bool:
@@ -294,3 +298,14 @@ class VM:
         self.ssh_ready = bool(port) and await ssh_banner("127.0.0.1", port)
         self.ssh_checked = time.monotonic()
         return self.ssh_ready
+
+    async def wait_banner(self, limit: float, timeout: float = 20.0) -> bool:
+        """Wait for sshd's banner with patient connections (short timeouts would only
+        start more cold sshd processes under TCG)."""
+        port = self.rec.rt.ssh_port
+        return bool(await poll_until(lambda: ssh_banner("127.0.0.1", port, timeout=timeout),
+                                     limit, interval=0.05))
+
+
+class _Gone(Exception):
+    """qemu exited while waiting."""

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from vmagent.fsutil import tail_lines
+
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
        "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "HOME": "/root",
        "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true"}
@@ -49,13 +51,7 @@ class Log:
 
 
 def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
+    return tail_lines(path, lines)
 
 
 def run(log: Log, argv: list[str], *, nice: bool = False, timeout: float = 3600,

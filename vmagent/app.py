@@ -1,0 +1,130 @@
+"""The one place that knows every service: it builds them with their collaborators,
+binds a handler to every row of the operation table, and starts and stops the agent's
+background work. Everything else receives what it needs.
+
+Dependencies point downward (docs/architecture.md): ``api`` -> ``templates`` ->
+``vms`` / ``images`` -> ``identity`` / ``qemu`` -> the contract (``ops``, ``spec``,
+``errors``, ``context``) and the helpers (``fsutil``, ``poll``, ``rundir``, ``jobs``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmagent.api.dispatch import Dispatcher, Handler, lock_guard
+from vmagent.images.build.jobs import Builds
+from vmagent.images.catalog import Catalog
+from vmagent.images.service import ImageService
+from vmagent.images.store import ImageStore
+from vmagent.jobs import Jobs
+from vmagent.ops import OPERATIONS
+from vmagent.qemu.argv import QEMU_BINARY
+from vmagent.qemu.host import QemuHost
+from vmagent.spec import Defaults
+from vmagent.templates.service import TemplateService
+from vmagent.templates.store import TemplateStore
+from vmagent.templates.warm import WarmCreator
+from vmagent.vms.create import Creator
+from vmagent.vms.host import HostService
+from vmagent.vms.launcher import Launcher, PortAllocator
+from vmagent.vms.lifecycle import Lifecycle, Timeouts
+from vmagent.vms.provision import Provisioner
+from vmagent.vms.registry import VMRegistry
+from vmagent.vms.service import VMService
+from vmagent.vms.store import Store
+from vmagent.vms.streams import VMStreams
+from vmagent.vms.watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    state_dir: Path
+    catalog: Catalog
+    defaults: Defaults = field(default_factory=Defaults)
+    qemu_binary: str = QEMU_BINARY
+    lock_wait: float = 600.0          # how long an operation waits for a busy VM
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    sandbox: bool = True
+    accel_override: str | None = None  # "kvm"/"tcg": skip the probe
+
+
+class Agent:
+    """The services of one agent, wired together."""
+
+    def __init__(self, settings: Settings, host: QemuHost | None = None) -> None:
+        self.settings = settings
+        state_dir = settings.state_dir
+        self.host = host or QemuHost(settings.qemu_binary, settings.sandbox,
+                                     settings.accel_override)
+        self.jobs = Jobs()
+        self.store = Store(state_dir)
+        self.registry = VMRegistry(self.store, settings.lock_wait)
+        self.images = ImageStore(state_dir / "images", settings.catalog)
+        self.ports = PortAllocator(lambda: (vm.rec.rt.ssh_port for vm in self.registry))
+        self.launcher = Launcher(self.registry, self.images, self.host, self.ports)
+        self.provisioner = Provisioner(self.store, self.ports)
+        self.creator = Creator(self.registry, self.provisioner, self.launcher, self.images,
+                               settings.defaults)
+        self.lifecycle = Lifecycle(self.registry, self.launcher, settings.timeouts)
+        self.templates = TemplateService(TemplateStore(state_dir / "templates"),
+                                         self.registry, self.creator, self.host,
+                                         settings.defaults, self.jobs)
+        self.vms = VMService(self.registry, self.creator, self.lifecycle, self.images,
+                             settings.defaults,
+                             warm=WarmCreator(self.creator, self.templates, self.host))
+        self.builds = Builds(state_dir, self.images, settings.catalog, self.jobs)
+        self.image_ops = ImageService(self.images, self.builds, self.host, state_dir,
+                                      users=self.image_users)
+        self.host_ops = HostService(self.registry, self.host, state_dir)
+        self.streams = VMStreams(self.registry)
+        self.watcher = Watcher(self.registry, self.lifecycle)
+        self.dispatcher = Dispatcher(self.handlers(), [lock_guard(self.registry.locked)])
+
+    def image_users(self, image: str) -> list[str]:
+        """What keeps an image from being removed or replaced: its VMs and templates."""
+        vms = [vm.name for vm in self.registry if vm.rec.spec.image == image]
+        return vms + self.templates.of_image(image)
+
+    def handlers(self) -> dict[str, Handler]:
+        """The handler of every operation, by name."""
+        vms, life, img, tpl = self.vms, self.lifecycle, self.image_ops, self.templates
+        handlers: dict[str, Handler] = {
+            "host": self.host_ops.show,
+            "list": vms.list, "create": vms.create, "status": vms.status,
+            "delete": vms.delete, "push_config": vms.push_config,
+            "console_log": vms.console_log,
+            "start": life.start, "reboot": life.reboot, "shutdown": life.shutdown,
+            "reset": life.reset, "poweroff": life.poweroff, "hard_reset": life.hard_reset,
+            "snapshot": life.snapshot, "snapshots": life.snapshots,
+            "image_list": img.list, "image_import": img.import_, "image_pull": img.pull,
+            "image_remove": img.remove, "image_build": img.build,
+            "image_build_status": img.build_status,
+            "template_create": tpl.create, "template_list": tpl.list,
+            "template_show": tpl.show, "template_remove": tpl.remove,
+        }
+        # every stream row opens what its row names (vmagent/vms/streams.py)
+        for op in OPERATIONS:
+            if op.stream is not None:
+                handlers[op.name] = functools.partial(self.streams.open, op.stream)
+        return handlers
+
+    async def start(self, probe_kernels: list[Path] = ()) -> None:
+        """Re-adopt the VMs, choose the accelerator, start watching."""
+        await self.vms.adopt()
+        kernels = list(probe_kernels) + [i.kernel for i in self.images.list() if i.kernel]
+        accel = await self.host.choose_accel(self.settings.state_dir, kernels)
+        log.info("accel %s (%s); %d VM(s)", accel.name, accel.reason, len(self.registry))
+        self.watcher.start()
+
+    async def stop(self) -> None:
+        """Stop the background work; the VMs keep running."""
+        await self.watcher.stop()
+        await self.builds.close()          # a running image build stops and cleans up
+        await self.jobs.close()
+        for vm in self.registry:
+            await vm.detach()

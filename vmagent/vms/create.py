@@ -1,0 +1,97 @@
+"""Creating a VM, as one transaction: validate the whole request before anything slow,
+find (or pull) the image, apply the defaults, make the identity and the seed, stage and
+commit the run dir, register the VM and start it. A VM that cannot start is not
+half-created: it is not created at all. Until its create has answered, a VM's record
+says so (``creating``), and an agent restarted meanwhile rolls it back
+(:meth:`vmagent.vms.service.VMService.adopt`).
+
+The warm create from a template (:mod:`vmagent.templates.warm`) uses the same steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+from vmagent.errors import Conflict
+from vmagent.identity import hostkeys, seed
+from vmagent.images.store import Image, ImageStore
+from vmagent.spec import Defaults, VMSpec, apply_defaults
+from vmagent.vms.launcher import Launcher
+from vmagent.vms.provision import Provisioner
+from vmagent.vms.registry import VMRegistry
+from vmagent.vms.store import Runtime, VMRecord
+from vmagent.vms.vm import VM
+
+log = logging.getLogger(__name__)
+
+
+class Creator:
+    def __init__(self, registry: VMRegistry, provisioner: Provisioner, launcher: Launcher,
+                 images: ImageStore, defaults: Defaults) -> None:
+        self.registry = registry
+        self.provisioner = provisioner
+        self.launcher = launcher
+        self.images = images
+        self.defaults = defaults
+
+    def check_new(self, name: str) -> None:
+        if name in self.registry:
+            raise Conflict(f"a VM named {name!r} already exists", vm=name)
+
+    async def image_for(self, name: str, pull: bool) -> Image:
+        if pull and not self.images.exists(name) and name in self.images.catalog:
+            log.info("image %s is not in the store; pulling it", name)
+            await self.images.pull(name)
+        return self.images.resolve(name)
+
+    def dry_run(self, spec: VMSpec, rt: Runtime, image: Image, files: dict[str, bytes],
+                extra_argv: tuple[str, ...] = (), **more: Any) -> dict:
+        rec = self.provisioner.record(spec, rt)
+        return {"dry_run": True, "spec": spec.to_dict(), "image": image.name, **more,
+                "argv": self.launcher.argv(rec, image, extra_argv),
+                "seed": {k: v.decode() for k, v in files.items()}}
+
+    async def commit(self, rec: VMRecord, start: bool = True, **launch: Any) -> VM:
+        """Register a staged VM and start it (``launch``: arguments of
+        :meth:`Launcher.launch`); on failure it is removed again. The record stays
+        marked ``creating`` until :meth:`done`."""
+        vm = self.registry.add(rec)
+        if start:
+            try:
+                await self.launcher.launch(vm, **launch)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await vm.quit()
+                self.registry.discard(rec.name)
+                self.registry.store.remove(rec.name)
+                raise
+        return vm
+
+    def done(self, vm: VM) -> None:
+        """The create answers: from now on the VM stays after a restart."""
+        vm.rec.rt.creating = False
+        self.registry.save(vm)
+
+    async def cold(self, fields: dict[str, Any], dry_run: bool, start: bool) -> tuple[
+            VM | None, dict | None]:
+        """A VM booted from its image: (the VM, None), or (None, the dry run)."""
+        spec = VMSpec.from_dict(fields)
+        self.check_new(spec.name)
+        # the whole spec is checked before anything slow (an image pull) happens
+        dataclasses.replace(spec, segment=spec.segment or
+                            self.defaults.segment).check_allocation()
+        image = await self.image_for(spec.image or self.defaults.image, pull=not dry_run)
+        spec = apply_defaults(spec, self.defaults, image.virtual_size)
+        rt = self.provisioner.new_runtime(spec.name)
+        keys = hostkeys.for_vm(spec.name, image.cloud_config, spec.extra_cloud_config(),
+                               dry_run=dry_run)
+        files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config, keys)
+        if dry_run:
+            return None, self.dry_run(spec, rt, image, files)
+        rec = await self.provisioner.stage(
+            spec, rt, image.path, image.format, files,
+            keys and (lambda run_dir: hostkeys.save(run_dir, keys)))
+        return await self.commit(rec, start), None

@@ -1,0 +1,162 @@
+"""The VM operations that are not its lifecycle: list, status, console_log, create,
+delete, push_config; and re-adoption of the VMs at start-up."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from vmagent import rundir
+from vmagent.context import RequestContext
+from vmagent.errors import BadRequest, VMAgentError
+from vmagent.identity import hostkeys, seed
+from vmagent.images.store import ImageStore
+from vmagent.qemu import argv as qargv
+from vmagent.spec import Defaults, VMSpec, apply_defaults, parse_flag
+from vmagent.vms.create import Creator
+from vmagent.vms.lifecycle import Lifecycle
+from vmagent.vms.registry import VMRegistry
+from vmagent.vms.state import State
+from vmagent.vms.status import vm_status
+from vmagent.vms.vm import VM
+
+log = logging.getLogger(__name__)
+
+
+class WarmCreate(Protocol):
+    """Creates a VM from a template's saved state (:mod:`vmagent.templates.warm`)."""
+
+    async def create(self, ctx: RequestContext, template: Any, fields: dict[str, Any],
+                     dry_run: bool, start: bool) -> dict: ...
+
+
+class VMService:
+    def __init__(self, registry: VMRegistry, creator: Creator, lifecycle: Lifecycle,
+                 images: ImageStore, defaults: Defaults,
+                 warm: WarmCreate | None = None) -> None:
+        self.registry = registry
+        self.creator = creator
+        self.lifecycle = lifecycle
+        self.images = images
+        self.defaults = defaults
+        self.warm = warm
+
+    # --- start-up -----------------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Load every VM and make it agree with what runs: a create that never answered
+        is rolled back, a delete that was interrupted is finished, the others are
+        reconciled with their qemu."""
+        for vm in self.registry.load():
+            rt = vm.rec.rt
+            if rt.creating or rt.state == State.DELETING:
+                what = "create" if rt.creating else "delete"
+                log.warning("%s: finishing an interrupted %s: removing it", vm.name, what)
+                await self._remove(vm)
+                continue
+            await self.lifecycle.reconcile(vm)
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def list(self, ctx: RequestContext) -> dict:
+        return {"vms": [vm_status(vm) for vm in self.registry]}
+
+    async def status(self, ctx: RequestContext, name: str) -> dict:
+        return vm_status(self.registry.get(name))
+
+    async def console_log(self, ctx: RequestContext, name: str, offset: Any = 0,
+                          tail: Any = None) -> dict:
+        vm = self.registry.get(name)
+        log_ = vm.console
+        size = log_.size()
+        try:
+            offset = int(offset or 0)
+            tail = None if tail in (None, "") else int(tail)
+        except (TypeError, ValueError):
+            raise BadRequest("offset and tail must be whole numbers") from None
+        if offset < 0 or (tail is not None and tail < 0):
+            raise BadRequest("offset and tail must not be negative")
+        if tail is not None:
+            offset = max(0, size - tail)
+        offset = min(offset, size)
+        data = log_.read(offset)
+        return {"offset": offset + len(data), "size": size,
+                "data": data.decode("utf-8", "replace")}
+
+    # --- create / delete / config -------------------------------------------------------
+
+    async def create(self, ctx: RequestContext, dry_run: Any = False, start: Any = True,
+                     template: Any = None, **fields: Any) -> dict:
+        dry_run, start = parse_flag(dry_run, "dry_run"), parse_flag(start, "start")
+        if template not in (None, ""):
+            if self.warm is None:
+                raise BadRequest("template: warm starts are not available on this agent")
+            return await self.warm.create(ctx, template, fields, dry_run, start)
+        vm, dry = await self.creator.cold(fields, dry_run, start)
+        if vm is None:
+            assert dry is not None
+            return dry
+        self.creator.done(vm)
+        return vm_status(vm)
+
+    async def delete(self, ctx: RequestContext, name: str) -> dict:
+        vm = self.registry.get(name)
+        await self._remove(vm)
+        return {"deleted": name}
+
+    async def _remove(self, vm: VM) -> None:
+        """Stop the VM and remove its run dir. Works on a full file system: the state
+        file may not be writable then, and removing frees the space."""
+        if vm.rec.rt.state != State.DELETING:
+            try:
+                self.registry.transition(vm, State.DELETING)
+            except OSError as e:
+                log.warning("%s: cannot record the delete (%s); removing it anyway",
+                            vm.name, e)
+        if vm.machine.alive():
+            await vm.quit()
+        await vm.detach()
+        self.registry.store.remove(vm.name)
+        self.registry.discard(vm.name)
+
+    async def push_config(self, ctx: RequestContext, name: str, **fields: Any) -> dict:
+        vm = self.registry.get(name)
+        old = vm.rec.spec
+        if "name" in fields and fields["name"] != name:
+            raise BadRequest("a VM cannot be renamed")
+        spec = VMSpec.from_dict({**old.to_dict(), **fields})
+        if spec.image != old.image:
+            raise BadRequest(f"the image of {name} cannot change ({old.image} -> "
+                             f"{spec.image}); create a new VM")
+        image = self.images.resolve(spec.image)
+        spec = apply_defaults(spec, self.defaults, image.virtual_size)
+        if spec.disk < old.disk:
+            raise BadRequest(f"disk: {spec.disk} bytes is smaller than the current "
+                             f"{old.disk}; a disk can only grow")
+        rt = vm.rec.rt
+        instance_id = seed.new_instance_id(name)
+        # the VM keeps its host keys, unless the new user-data handles them itself
+        keys = hostkeys.load(vm.run_dir)
+        if keys and hostkeys.overridden(image.cloud_config, spec.extra_cloud_config()):
+            keys = None
+        files = seed.render_seed(spec, instance_id, rt.mac, image.cloud_config, keys)
+        # a new inode: a running qemu keeps reading the old seed until the swap below
+        seed.write_seed_iso(vm.run_dir / rundir.SEED, files)
+        if keys is None:
+            (vm.run_dir / rundir.HOST_KEYS).unlink(missing_ok=True)
+            vm.host_keys = None
+        vm.rec.spec, rt.instance_id = spec, instance_id
+        self.registry.store.save_spec(vm.rec)
+        if rt.state == State.RUNNING:
+            rt.config_pending = True
+            # the guest locks the tray of a mounted CD: force the swap, so that a guest
+            # reboot (not only a cold start) sees the new seed
+            try:
+                await vm.qmp("blockdev-change-medium", {
+                    "id": qargv.SEED_DEVICE, "filename": str(vm.run_dir / rundir.SEED),
+                    "format": "raw", "read-only-mode": "read-only", "force": True})
+            except VMAgentError as e:
+                log.warning("%s: seed swap failed (%s); the new config is used at the "
+                            "next start", name, e)
+        self.registry.save(vm)
+        return vm_status(vm)

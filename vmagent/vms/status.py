@@ -1,0 +1,55 @@
+"""What the agent reports about a VM (``status``, ``list``) and about its host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vmagent.identity import hostkeys
+from vmagent.vms.state import State
+from vmagent.vms.vm import VM
+
+
+def vm_status(vm: VM) -> dict:
+    rec, rt = vm.rec, vm.rec.rt
+    running = rt.state == State.RUNNING
+    progress = vm.boot_progress() if running else {"kernel": False, "cloud_init": None,
+                                                    "console_bytes": vm.console.size()}
+    return {
+        "name": rec.name,
+        "state": rt.state.value,
+        "spec": rec.spec.to_dict(),
+        "pid": vm.machine.pid() if running or rt.state == State.STOPPING else None,
+        "accel": rt.accel,
+        "ssh_host": "127.0.0.1",
+        "ssh_port": rt.ssh_port,
+        "ssh_user": (rec.spec.admins or ["root"])[0],
+        "ssh_ready": running and vm.ssh_ready,
+        # public halves of the host keys the agent gave the VM (null: learn them from the
+        # console); vmctl pins them
+        "ssh_host_keys": hostkeys.public(vm.host_keys) if vm.host_keys else None,
+        # what the 1 Hz watcher saw: qemu alive (link) and the guest's sshd greeting (net)
+        "link_alive": running and vm.machine.alive(),
+        "net_alive": running and vm.ssh_ready,
+        "cloud_init": progress["cloud_init"] if running else None,
+        "boot": {"started_at": rt.started_at if running else None,
+                 "console_bytes": progress["console_bytes"],
+                 "kernel": progress["kernel"]},
+        "config_pending": rt.config_pending,
+        "reason": rt.reason,
+        "created": rt.created,
+        "run_dir": str(rec.run_dir),
+    }
+
+
+def host_capacity(state_dir: Path) -> dict:
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count() or 1, "memory": mem,
+            "disk_free": shutil.disk_usage(state_dir).free}
