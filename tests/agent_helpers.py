@@ -1,10 +1,17 @@
-"""A real vmagent process and a small HTTP client for the integration tests."""
+"""A real ``vmagent serve`` process and a small HTTP client: the one agent fixture of the
+tests (API, CLI and integration tests all start their agents through it).
+
+Cleanup kills only what a test started: the agent by its Popen, and the qemu processes
+by the pids in the pidfiles under *its* state dir, each checked against
+``/proc/PID/cmdline`` (never a pattern).
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -15,10 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from vmagent.qemu.argv import owns_cmdline
+from vmagent.qemu.machine import read_cmdline
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_DIR = Path(os.environ.get("VMCTL_TEST_IMAGE_DIR", "/var/cache/vm-test-image"))
 # Generous: a TCG guest takes ~40-90 s to SSH on these machines, more when busy.
 BOOT_TIMEOUT = float(os.environ.get("VMCTL_BOOT_TIMEOUT", "400"))
+TOKEN = "test-token-0123456789abcdef"
 
 
 def require_test_image() -> None:
@@ -26,62 +37,133 @@ def require_test_image() -> None:
     for f in ("debian-12-test.qcow2", "vmlinuz", "initrd.img"):
         if not (IMAGE_DIR / f).is_file():
             pytest.fail(f"test image missing: {IMAGE_DIR / f} (build it with "
-                        "../shared/tools/build-test-image)")
+                        "'./scripts/test', which builds it first)")
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+def free_port() -> int:
+    """A free loopback port now (for a server of the test's own; the agent itself binds
+    port 0 and reports its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str | Path, timeout: float = 60) -> None:
         super().__init__("localhost", timeout=timeout)
-        self.path = path
+        self.unix_path = str(path)
 
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+        self.sock.connect(self.unix_path)
 
 
 class AgentProcess:
-    def __init__(self, state_dir: Path, *extra: str) -> None:
+    """``vmagent serve`` on ``state_dir`` (TCG); with ``token``, also on TCP (port 0)."""
+
+    def __init__(self, state_dir: Path, *extra: str, token: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.socket = self.state_dir / "vmagent.sock"
         self.extra = extra
+        self.token = token
+        self.token_file: Path | None = None
+        self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.log = self.state_dir.parent / f"{self.state_dir.name}-agent.log"
 
-    def start(self) -> "AgentProcess":
+    @property
+    def unix(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "AgentProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        extra = list(self.extra)
+        if self.token:
+            self.token_file = self.state_dir.parent / f"{self.state_dir.name}-token"
+            self.token_file.write_text(self.token + "\n")
+            self.token_file.chmod(0o600)
+            extra += ["--listen", "127.0.0.1:0", "--token-file", str(self.token_file)]
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmagent.cli", "serve", "--state-dir",
-             str(self.state_dir), "--accel", "tcg", *self.extra],
-            stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
-        deadline = time.monotonic() + 60
+             str(self.state_dir), "--accel", "tcg", *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+        log.close()
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if select.select([self.proc.stdout], [], [], 0.5)[0]:
-                if b"ready" in self.proc.stdout.readline():
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                line = self.proc.stdout.readline().decode()
+                if "ready" in line:
+                    if m := re.search(r"http://127\.0\.0\.1:(\d+)", line):
+                        self.port = int(m.group(1))
                     return self
-        raise RuntimeError(f"vmagent did not start: {self.log.read_text()[-3000:]}")
+        self.stop()
+        raise RuntimeError(f"vmagent did not start:\n{self.log.read_text()[-3000:]}")
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
 
-    def call(self, method: str, path: str, body: dict | None = None,
-             timeout: float = 300) -> tuple[int, dict]:
-        conn = _UnixHTTP(str(self.socket), timeout)
+    def qemu_pids(self) -> list[int]:
+        """The running qemu processes of this agent's VMs and template builds."""
+        pids = []
+        for pidfile in self.state_dir.glob("**/qemu.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if owns_cmdline(read_cmdline(pid), pidfile.parent):
+                pids.append(pid)
+        return pids
+
+    def cleanup(self) -> None:
+        """Stop the agent and kill the qemu processes it started (by pid)."""
+        self.stop()
+        for pid in self.qemu_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    def raw(self, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None, timeout: float = 300) -> tuple[int, str, bytes]:
+        conn = UnixHTTPConnection(self.socket, timeout)
         try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, "/v1" + path, body=data,
-                         headers={"Content-Type": "application/json"} if data else {})
+            conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
-            return resp.status, json.loads(resp.read() or b"{}")
+            return resp.status, resp.getheader("Content-Type", ""), resp.read()
         finally:
             conn.close()
 
+    def call(self, method: str, path: str, body: dict | None = None,
+             timeout: float = 300) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        status, ctype, raw = self.raw(method, "/v1" + path, data,
+                                      {"Content-Type": "application/json"} if data else {},
+                                      timeout)
+        assert ctype.startswith("application/json"), (status, ctype, raw[:200])
+        return status, json.loads(raw or b"{}")
+
     def ok(self, method: str, path: str, body: dict | None = None, **kw) -> dict:
         status, doc = self.call(method, path, body, **kw)
-        assert status < 300, (status, doc)
+        assert 200 <= status < 300, (method, path, status, doc)
         return doc
 
     def import_test_image(self, name: str = "test") -> dict:
@@ -101,6 +183,13 @@ class AgentProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name} not ready after {timeout:g}s: {st}")
             time.sleep(1)
+
+    def wait_state(self, name: str, want: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while (st := self.ok("GET", f"/vms/{name}"))["state"] != want:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        return st
 
 
 def process_running(pid: int) -> bool:

@@ -7,18 +7,17 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 import vmagent
+from agent_helpers import AgentProcess, free_port
 from vmagent.identity import seed as vseed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,86 +27,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdM09Ct5ZbpGEQm6BvLA/Ji8N4McDg7RPn/6
 G = 1 << 30
 
 
-# --- a real agent and a tiny client -----------------------------------------------------
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float = 60) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Agent:
-    def __init__(self, base: Path, *extra: str) -> None:
-        self.base = base
-        self.state = base / "state"
-        self.socket = self.state / "vmagent.sock"
-        self.log = base / "agent.log"
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60) -> "Agent":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmagent.cli", "serve", "--state-dir", str(self.state),
-             "--accel", "tcg", *self.extra],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=open(self.log, "ab"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                line = self.proc.stdout.readline()
-                if b"ready" in line:
-                    return self
-        self.stop()
-        raise RuntimeError(f"vmagent did not start:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
-
-    def raw(self, method: str, path: str, body: bytes | None = None,
-            headers: dict | None = None) -> tuple[int, str, bytes]:
-        conn = UnixHTTPConnection(self.socket)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.getheader("Content-Type", ""), resp.read()
-        finally:
-            conn.close()
-
-    def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        status, ctype, raw = self.raw(method, "/v1" + path, data,
-                                      {"Content-Type": "application/json"} if data else {})
-        assert ctype.startswith("application/json"), (status, ctype, raw[:200])
-        return status, json.loads(raw)
-
-    def ok(self, method: str, path: str, body=None) -> dict:
-        status, doc = self.call(method, path, body)
-        assert 200 <= status < 300, (method, path, status, doc)
-        return doc
-
+# --- a real agent -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
@@ -115,11 +35,7 @@ def agent(tmp_path_factory):
         if not (IMAGE_DIR / f).is_file():
             pytest.fail(f"test image missing: {IMAGE_DIR / f}")
     base = tmp_path_factory.mktemp("api")
-    (base / "token").write_text(TOKEN + "\n")
-    port = free_port()
-    a = Agent(base, "--listen", f"127.0.0.1:{port}", "--token-file", str(base / "token"))
-    a.port = port
-    a.start()
+    a = AgentProcess(base / "state", token=TOKEN).start()
     try:
         a.image = a.ok("POST", "/images", {
             "image": "test", "path": str(IMAGE_DIR / "debian-12-test.qcow2"),
@@ -127,7 +43,7 @@ def agent(tmp_path_factory):
             "append": "root=/dev/vda console=ttyS0 rw"})
         yield a
     finally:
-        a.stop()
+        a.cleanup()
 
 
 @pytest.fixture(autouse=True)
@@ -141,10 +57,10 @@ def no_leftover_vms(request):
             agent.call("DELETE", f"/vms/{vm['name']}")
 
 
-def assert_nothing_created(agent: Agent) -> None:
+def assert_nothing_created(agent: AgentProcess) -> None:
     """No VM listed and no run dir (not even a staging or deletion leftover)."""
     assert agent.ok("GET", "/vms") == {"vms": []}
-    assert sorted(os.listdir(agent.state / "vms")) == []
+    assert sorted(os.listdir(agent.state_dir / "vms")) == []
 
 
 def assert_error(status: int, doc: dict, want_status: int, code: str) -> str:
@@ -159,7 +75,7 @@ def assert_error(status: int, doc: dict, want_status: int, code: str) -> str:
 class created:
     """A stopped VM for one test, deleted afterwards."""
 
-    def __init__(self, agent: Agent, name: str, **fields) -> None:
+    def __init__(self, agent: AgentProcess, name: str, **fields) -> None:
         self.agent, self.name = agent, name
         self.fields = {"name": name, "image": "test", "start": False, **fields}
 
@@ -199,7 +115,7 @@ def test_host_report(agent):
     assert cap["cpus"] == os.cpu_count() and cap["memory"] > 0 and cap["disk_free"] > 0
     assert host["allocated"] == {"cpus": 0, "memory": 0}
     assert host["vms"]["running"] == 0
-    assert host["state_dir"] == str(agent.state.resolve())
+    assert host["state_dir"] == str(agent.state_dir.resolve())
 
 
 def test_imported_image_is_listed(agent):
@@ -330,8 +246,8 @@ def test_dry_run_returns_argv_and_seed_and_creates_nothing(agent):
     assert argv[0] == "qemu-system-x86_64"
     opt = dict(zip(argv, argv[1:]))
     assert opt["-accel"] == "tcg,thread=multi" and opt["-smp"] == "3"
-    assert opt["-pidfile"] == str(agent.state.resolve() / "vms" / "dry1" / "qemu.pid")
-    assert opt["-kernel"] == str(agent.state.resolve() / "images" / "test" / "vmlinuz")
+    assert opt["-pidfile"] == str(agent.state_dir.resolve() / "vms" / "dry1" / "qemu.pid")
+    assert opt["-kernel"] == str(agent.state_dir.resolve() / "images" / "test" / "vmlinuz")
     assert opt["-append"] == "root=/dev/vda console=ttyS0 rw"
 
     seed = doc["seed"]
@@ -355,7 +271,7 @@ def test_dry_run_returns_argv_and_seed_and_creates_nothing(agent):
 
 def test_create_without_start_makes_a_stopped_vm(agent):
     with created(agent, "vm1", ssh_keys=[KEY]) as st:
-        run = agent.state.resolve() / "vms" / "vm1"
+        run = agent.state_dir.resolve() / "vms" / "vm1"
         assert st["name"] == "vm1" and st["state"] == "stopped"
         assert st["pid"] is None and st["ssh_ready"] is False and st["link_alive"] is False
         assert st["run_dir"] == str(run)
@@ -364,7 +280,7 @@ def test_create_without_start_makes_a_stopped_vm(agent):
 
         info = qemu_img_info(run / "disk.qcow2")
         assert info["format"] == "qcow2"
-        base = agent.state.resolve() / "images" / "test" / "disk.qcow2"
+        base = agent.state_dir.resolve() / "images" / "test" / "disk.qcow2"
         assert info["backing-filename"] == str(base)
         assert info.get("backing-filename-format") == "qcow2"
         assert info["virtual-size"] == st["spec"]["disk"] == 10 * G
@@ -411,7 +327,7 @@ def test_lifecycle_ops_on_a_stopped_vm_are_409(agent, op, body):
 
 def test_push_config_on_a_stopped_vm(agent):
     with created(agent, "cfg", ssh_keys=[KEY]) as before:
-        run = agent.state / "vms" / "cfg"
+        run = agent.state_dir / "vms" / "cfg"
         old_meta = vseed.read_seed_iso(run / "seed.iso")["meta-data"]
         st = agent.ok("POST", "/vms/cfg/config", {"cpus": 4, "memory": "1G",
                                                   "user_data": "packages: [jq]\n"})
@@ -443,7 +359,7 @@ def test_push_config_on_a_stopped_vm(agent):
 
 def test_delete_removes_the_run_dir(agent):
     with created(agent, "gone"):
-        run = agent.state / "vms" / "gone"
+        run = agent.state_dir / "vms" / "gone"
         assert run.is_dir()
         assert agent.ok("DELETE", "/vms/gone") == {"deleted": "gone"}
         assert not run.exists()
@@ -459,7 +375,7 @@ def test_delete_removes_the_run_dir(agent):
 
 # --- TCP and the token ------------------------------------------------------------------
 
-def tcp(agent: Agent, method: str, path: str, headers: dict) -> tuple[int, dict]:
+def tcp(agent: AgentProcess, method: str, path: str, headers: dict) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
     try:
         conn.request(method, path, headers=headers)
@@ -505,7 +421,7 @@ def test_unix_socket_mode(agent):
 
 def test_second_agent_on_the_same_state_dir_is_refused(agent):
     res = subprocess.run([sys.executable, "-m", "vmagent.cli", "serve", "--state-dir",
-                          str(agent.state), "--accel", "tcg"], cwd=ROOT,
+                          str(agent.state_dir), "--accel", "tcg"], cwd=ROOT,
                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode != 0
@@ -534,7 +450,7 @@ def test_listen_needs_a_token_file(tmp_path):
 
 
 def test_sigterm_stops_cleanly_and_the_state_dir_is_reusable(tmp_path):
-    a = Agent(tmp_path).start()
+    a = AgentProcess(tmp_path / "state").start()
     try:
         assert a.socket.exists()
         assert a.ok("GET", "/host")["vms"]["total"] == 0
@@ -542,7 +458,7 @@ def test_sigterm_stops_cleanly_and_the_state_dir_is_reusable(tmp_path):
         assert not a.socket.exists() and not a.socket.is_symlink()
         assert "Traceback" not in a.log.read_text()
         # the next agent on the same state dir starts and answers
-        b = Agent(tmp_path).start()
+        b = AgentProcess(tmp_path / "state").start()
         try:
             assert b.ok("GET", "/vms") == {"vms": []}
         finally:
@@ -552,10 +468,10 @@ def test_sigterm_stops_cleanly_and_the_state_dir_is_reusable(tmp_path):
 
 
 def test_stale_socket_of_a_killed_agent_is_replaced(tmp_path):
-    a = Agent(tmp_path).start()
+    a = AgentProcess(tmp_path / "state").start()
     a.stop(signal.SIGKILL)
     assert a.socket.exists()                               # left behind by SIGKILL
-    b = Agent(tmp_path).start()
+    b = AgentProcess(tmp_path / "state").start()
     try:
         assert b.ok("GET", "/vms") == {"vms": []}
     finally:
@@ -564,7 +480,7 @@ def test_stale_socket_of_a_killed_agent_is_replaced(tmp_path):
 
 def test_host_keys_made_by_the_agent_are_reported_and_kept_by_push_config(agent):
     with created(agent, "keys", ssh_keys=[KEY]) as st:
-        run = agent.state / "vms" / "keys"
+        run = agent.state_dir / "vms" / "keys"
         pubs = st["ssh_host_keys"]
         assert [p.split()[0] for p in pubs] == ["ssh-ed25519", "ecdsa-sha2-nistp256"]
         assert all(p.endswith(" root@keys") for p in pubs)

@@ -22,7 +22,8 @@ import pytest
 from vmagent.images import download
 from vmagent.images.catalog import DEFAULT_APPEND, Catalog
 from vmagent.errors import BadRequest, Conflict, ImageError, NotFound
-from vmagent.images.store import ImageStore, parse_sums
+from vmagent.images.download import parse_sums
+from vmagent.images.store import ImageStore
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 MiB = 1 << 20

@@ -36,8 +36,7 @@ def env(tmp_path_factory):
     state = {"agent": agent, "key": key, "base": base, "created": st,
              "t0": time.monotonic()}
     yield state
-    state["agent"].stop()
-    subprocess.run(["pkill", "-9", "-f", str(base)], check=False)
+    state["agent"].cleanup()
 
 
 def login(env, *cmd: str) -> subprocess.CompletedProcess:
@@ -130,8 +129,11 @@ def test_reboot_and_login_again(env):
 
 def test_shutdown_then_start_and_login(env):
     agent = env["agent"]
-    login(env, "true")
-    time.sleep(5)   # let the guest agent come up after sshd
+    # the clean path powers off through the guest agent: wait until it runs
+    deadline = time.monotonic() + 120
+    while login(env, "systemctl is-active qemu-guest-agent").stdout.strip() != "active":
+        assert time.monotonic() < deadline, "qemu-guest-agent did not start"
+        time.sleep(1)
     doc = agent.ok("POST", f"/vms/{NAME}/shutdown", {"timeout": 120})
     assert doc["state"] == "stopped" and doc["pid"] is None
     assert doc["reason"] is None, doc["reason"]            # a clean shutdown, not forced

@@ -182,8 +182,7 @@ def env(tmp_path_factory):
     state = {"agent": agent, "key": key, "base": base,
              "pub": key.with_suffix(".pub").read_text().strip()}
     yield state
-    state["agent"].stop()
-    subprocess.run(["pkill", "-9", "-f", str(base)], check=False)
+    state["agent"].cleanup()
 
 
 def _login(env, name: str, *cmd: str) -> subprocess.CompletedProcess:

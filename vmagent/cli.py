@@ -37,7 +37,7 @@ class StartupError(Exception):
 
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
@@ -86,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
              agent.host.accel.reason if agent.host.accel else "", len(agent.registry))
 
     runners = []
+    listening = []
     sock_path = Path(args.socket) if args.socket else state_dir / "vmagent.sock"
     _prepare_socket(sock_path)
     runner = web.AppRunner(build_app(agent.dispatcher, UnixPeer()), handle_signals=False,
@@ -102,13 +103,17 @@ async def serve(args: argparse.Namespace) -> None:
         await tcp.setup()
         await web.TCPSite(tcp, host, port).start()
         runners.append(tcp)
+        host, port = tcp.addresses[0][:2]         # port 0: the one the kernel chose
+        listening.append(f"http://{host}:{port}")
         log.info("listening on http://%s:%d (bearer token required)", host, port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"vmagent {__version__} ready on unix:{sock_path}", flush=True)
+    # the line tests and scripts wait for (with the TCP address, when --listen has port 0)
+    print(f"vmagent {__version__} ready on unix:{sock_path}"
+          + "".join(f" {a}" for a in listening), flush=True)
     await stop.wait()
     log.info("stopping; VMs keep running")
     for r in runners:
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          DEFAULT_STATE_DIR))
     p.add_argument("--socket", help="unix socket path (default STATE_DIR/vmagent.sock)")
     p.add_argument("--listen", type=_parse_listen, metavar="HOST:PORT",
-                   help="also listen on TCP (requires --token-file)")
+                   help="also listen on TCP (requires --token-file; port 0: any free port, "
+                        "printed in the ready line)")
     p.add_argument("--token-file", help="file holding the bearer token for TCP")
     p.add_argument("--accel", choices=("kvm", "tcg"), default=os.environ.get("VMAGENT_ACCEL"),
                    help="skip the KVM probe and use this accelerator")

@@ -156,3 +156,24 @@ BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 
 def get(name: str) -> Operation:
     return BY_NAME[name]
+
+
+def markdown_table() -> str:
+    """The table as docs/api.md shows it (kept in step by tests/test_docs.py; regenerate
+    with ``python3 -m vmagent.ops``)."""
+    lines = ["| op | request | acts on | lock | client timeout | what |",
+             "|---|---|---|---|---|---|"]
+    for op in OPERATIONS:
+        params = ", ".join(f"{p}?" for p in op.params if p not in _SPEC)
+        if set(_SPEC) <= set(op.params):
+            params = ", ".join(filter(None, ["spec fields...", params]))
+        request = f"`{op.method} {op.url_path}`" + (f" `{{{params}}}`" if params else "")
+        if op.stream:
+            request += f" (websocket: {op.stream})"
+        lines.append(f"| `{op.name}` | {request} | {op.target} | "
+                     f"{'yes' if op.lock else ''} | {op.timeout:g} s | {op.summary} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -33,7 +33,7 @@ from vmagent.images import download
 
 from vmagent import errors
 from vmagent.images.catalog import DEFAULT_APPEND, Catalog, CatalogEntry
-from vmagent.images.download import Progress, parse_sums  # noqa: F401  (re-exported)
+from vmagent.images.download import Progress
 from vmagent.fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
 from vmagent.spec import check_image_name
 
