@@ -37,6 +37,7 @@ def agent(tmp_path_factory):
     base = tmp_path_factory.mktemp("api")
     a = AgentProcess(base / "state", token=TOKEN).start()
     try:
+        a.ok("POST", "/keys", {"keys": KEY})    # root's key: its VMs' owner account
         a.image = a.ok("POST", "/images", {
             "image": "test", "path": str(IMAGE_DIR / "debian-12-test.qcow2"),
             "kernel": str(IMAGE_DIR / "vmlinuz"), "initrd": str(IMAGE_DIR / "initrd.img"),
@@ -238,7 +239,7 @@ def test_dry_run_returns_argv_and_seed_and_creates_nothing(agent):
     spec = doc["spec"]
     assert (spec["name"], spec["cpus"], spec["memory"], spec["disk"]) == \
         ("dry1", 3, 2 * G, 10 * G)
-    assert spec["admins"] == ["dev"] and spec["segment"] == "dev"
+    assert spec["admins"] == [] and spec["segment"] == "dev"
     assert spec["ssh_keys"] == [KEY]
 
     argv = doc["argv"]
@@ -441,12 +442,17 @@ def test_second_agent_on_the_same_socket_is_refused(agent, tmp_path):
     assert agent.ok("GET", "/host")["version"] == vmagent.__version__
 
 
-def test_listen_needs_a_token_file(tmp_path):
+def test_a_token_file_readable_by_others_is_refused(tmp_path):
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o644)
     res = subprocess.run([sys.executable, "-m", "vmagent.cli", "serve", "--state-dir",
                           str(tmp_path / "s"), "--accel", "tcg", "--listen",
-                          f"127.0.0.1:{free_port()}"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode != 0 and "--token-file" in res.stderr
+                          f"127.0.0.1:{free_port()}", "--token-file", str(token)],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "readable by others" in res.stderr and "chmod 600" in res.stderr
 
 
 def test_sigterm_stops_cleanly_and_the_state_dir_is_reusable(tmp_path):

@@ -320,7 +320,8 @@ def test_defaults_fill_every_missing_field():
     full = apply_defaults(spec(ssh_keys=[KEY]), Defaults(), base_size=2 * G)
     assert full.image == "debian-12" and full.cpus == 2
     assert full.memory == 2 * G and full.disk == 10 * G
-    assert full.admins == ["dev"] and full.segment == "dev" and full.ssh_keys == [KEY]
+    # admins are people besides the owner: none unless given
+    assert full.admins == [] and full.segment == "dev" and full.ssh_keys == [KEY]
     assert full.user_data is None and full.cpu_guarantee is None
 
 

@@ -23,8 +23,8 @@ from agent_helpers import AgentProcess, keypair, require_test_image, ssh_retry
 from vmagent import ops
 from vmagent.errors import ImageError, NotFound
 from vmagent.identity.hostkeys import generate as host_keys
+from vmagent.identity.accounts import Account
 from vmagent.identity.reidentify import console_key_block, reidentify_argv, reidentify_files
-from vmagent.spec import VMSpec
 from vmagent.rundir import SAVED_STATE as STATE_FILE, TEMPLATE_RECORD as TEMPLATE_FILE
 from vmagent.templates.store import Template, TemplateStore
 
@@ -98,10 +98,10 @@ def _guest_root(tmp_path: Path) -> Path:
 def test_reidentify_program_gives_the_clone_its_identity_and_only_its_keys(tmp_path):
     keys = host_keys("root@c1")
     assert set(keys) == {"ed25519", "ecdsa"}
-    # "nobody" exists on the host running the test; in a guest it is an admin user
-    spec = VMSpec(name="c1", admins=["nobody"], ssh_keys=["ssh-ed25519 AAAA owner@x"])
+    # "nobody" exists on the host running the test; in a guest it is a person's account
+    accounts = [Account("nobody", ["nobody"], ["ssh-ed25519 AAAA owner@x"])]
     root = _guest_root(tmp_path)
-    args = reidentify_argv("c1", spec, keys, "ab" * 16, 1764000000.5, b"r" * 64,
+    args = reidentify_argv("c1", accounts, keys, "ab" * 16, 1764000000.5, b"r" * 64,
                            ["nobody"], root=str(root))
     res = subprocess.run(["perl", *args], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -128,7 +128,7 @@ def test_reidentify_program_gives_the_clone_its_identity_and_only_its_keys(tmp_p
     assert (root / "home/olduser/.ssh/authorized_keys").read_text() == ""
     assert (root / "etc/sudoers.d/90-vmagent-nobody").stat().st_mode & 0o777 == 0o440
     assert not list(root.rglob("*.vmagent-new"))
-    files = reidentify_files("c1", spec, keys, "ab" * 16)
+    files = reidentify_files("c1", accounts, keys, "ab" * 16)
     assert list(files).index("/home/nobody/.ssh") < \
         list(files).index("/home/nobody/.ssh/authorized_keys")
     block = console_key_block(keys).decode()
@@ -150,12 +150,17 @@ def test_host_keys_are_valid_openssh_keys(tmp_path):
 
 
 def test_reidentify_program_creates_missing_admins_and_sets_the_clock():
-    spec = VMSpec(name="c1", admins=["dev", "alice"], ssh_keys=["ssh-ed25519 AAAA a@x"])
-    args = reidentify_argv("c1", spec, host_keys("x"), "ab" * 16, 1764000000.5, b"r" * 2,
-                           ["dev"])
+    accounts = [Account("dev", ["root"], ["ssh-ed25519 AAAA root@x"]),
+                Account("alice", ["alice"], ["ssh-ed25519 BBBB alice@x"])]
+    args = reidentify_argv("c1", accounts, host_keys("x"), "ab" * 16, 1764000000.5,
+                           b"r" * 2, ["dev"])
     i = args.index("--")
     assert args[i + 1:i + 8] == ["/", "c1", "1764000000", "500000", "7272",
                                  "adm,sudo", "alice"]
+    # each account gets exactly its own person's keys
+    files = reidentify_files("c1", accounts, host_keys("x"), "ab" * 16)
+    assert files["/home/alice/.ssh/authorized_keys"][0] == b"ssh-ed25519 BBBB alice@x\n"
+    assert files["/home/dev/.ssh/authorized_keys"][0] == b"ssh-ed25519 AAAA root@x\n"
     # the program is valid perl
     subprocess.run(["perl", "-c", "-e", args[1]], check=True, capture_output=True)
 

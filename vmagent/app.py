@@ -14,7 +14,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmagent.api.access import access_guard
+from vmagent.api.audit import AuditLog, AuditService, audit_guard
 from vmagent.api.dispatch import Dispatcher, Handler, lock_guard
+from vmagent.api.tokens import TokenStore
+from vmagent.identity.keys import KeyRegistry, KeysDir, KeysURL
+from vmagent.identity.keyservice import KeyService
 from vmagent.images.build.jobs import Builds
 from vmagent.images.catalog import Catalog
 from vmagent.images.service import ImageService
@@ -51,6 +56,8 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     sandbox: bool = True
     accel_override: str | None = None  # "kvm"/"tcg": skip the probe
+    keys_url: str | None = None        # a URL template for people's keys ({user})
+    keys_ttl: float = 300.0            # how long fetched keys are used before a refetch
 
 
 class Agent:
@@ -62,6 +69,11 @@ class Agent:
         self.host = host or QemuHost(settings.qemu_binary, settings.sandbox,
                                      settings.accel_override)
         self.jobs = Jobs()
+        self.tokens = TokenStore(state_dir)
+        self.audit = AuditLog(state_dir)
+        self.keys = KeyRegistry(KeysDir(state_dir), KeysURL(
+            settings.keys_url, state_dir, ttl=settings.keys_ttl) if settings.keys_url
+            else None)
         self.store = Store(state_dir)
         self.registry = VMRegistry(self.store, settings.lock_wait)
         self.images = ImageStore(state_dir / "images", settings.catalog)
@@ -69,7 +81,7 @@ class Agent:
         self.launcher = Launcher(self.registry, self.images, self.host, self.ports)
         self.provisioner = Provisioner(self.store, self.ports)
         self.creator = Creator(self.registry, self.provisioner, self.launcher, self.images,
-                               settings.defaults)
+                               settings.defaults, self.keys)
         self.lifecycle = Lifecycle(self.registry, self.launcher, settings.timeouts)
         self.templates = TemplateService(TemplateStore(state_dir / "templates"),
                                          self.registry, self.creator, self.host,
@@ -83,7 +95,16 @@ class Agent:
         self.host_ops = HostService(self.registry, self.host, state_dir)
         self.streams = VMStreams(self.registry)
         self.watcher = Watcher(self.registry, self.lifecycle)
-        self.dispatcher = Dispatcher(self.handlers(), [lock_guard(self.registry.locked)])
+        # outermost first: every change is audited (refusals too), the permission is
+        # checked before an operation waits for its VM's lock
+        self.dispatcher = Dispatcher(self.handlers(), [
+            audit_guard(self.audit), access_guard(self.people),
+            lock_guard(self.registry.locked)])
+
+    def people(self, name: str) -> tuple[str | None, list[str]] | None:
+        """Who may operate the VM ``name`` besides the operators (None: no such VM)."""
+        vm = self.registry.find(name)
+        return vm.people() if vm is not None else None
 
     def image_users(self, image: str) -> list[str]:
         """What keeps an image from being removed or replaced: its VMs and templates."""
@@ -93,6 +114,7 @@ class Agent:
     def handlers(self) -> dict[str, Handler]:
         """The handler of every operation, by name."""
         vms, life, img, tpl = self.vms, self.lifecycle, self.image_ops, self.templates
+        keys = KeyService(self.keys)
         handlers: dict[str, Handler] = {
             "host": self.host_ops.show,
             "list": vms.list, "create": vms.create, "status": vms.status,
@@ -106,6 +128,8 @@ class Agent:
             "image_build_status": img.build_status,
             "template_create": tpl.create, "template_list": tpl.list,
             "template_show": tpl.show, "template_remove": tpl.remove,
+            "key_list": keys.list, "key_add": keys.add, "key_remove": keys.remove,
+            "host_log": AuditService(self.audit).read,
         }
         # every stream row opens what its row names (vmagent/vms/streams.py)
         for op in OPERATIONS:

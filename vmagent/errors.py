@@ -40,6 +40,14 @@ class Unauthorized(VMAgentError):
     status = 401
 
 
+class Forbidden(VMAgentError):
+    """The caller is known but may not do this (403): not the VM's owner or admin, or
+    an operator's operation."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(VMAgentError):
     code = "not_found"
     status = 404
@@ -64,6 +72,13 @@ class Timeout(VMAgentError):
 
     code = "timeout"
     status = 504
+
+
+class Unavailable(VMAgentError):
+    """Something the operation needs is unreachable (a key source, a peer) (503)."""
+
+    code = "unavailable"
+    status = 503
 
 
 class VMLaunchFailure(VMAgentError):

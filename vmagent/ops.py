@@ -21,9 +21,15 @@ from dataclasses import dataclass
 from vmagent.spec import VMSpec
 
 API_PREFIX = "/v1"
-TARGETS = ("vm", "image", "template", "host")
+TARGETS = ("vm", "image", "template", "host", "user")
 # the parameter that names an operation's target (the host needs none)
-TARGET_PARAM = {"vm": "name", "image": "image", "template": "template"}
+TARGET_PARAM = {"vm": "name", "image": "image", "template": "template", "user": "user"}
+# who may call an operation (vmagent/api/access.py checks it for every request):
+#   any       every authenticated caller
+#   owner     the target VM's owner and admins, and operators
+#   self      the caller for themself (``user`` absent or theirs), and operators
+#   operator  operators only
+ACCESS = ("any", "owner", "self", "operator")
 # what a stream operation connects to (vmagent/vms/streams.py opens them)
 STREAMS = ("console", "ssh")
 
@@ -42,6 +48,20 @@ class Operation:
     stream: str | None = None     # a bidirectional websocket to this (see STREAMS)
     timeout: float = DEFAULT_TIMEOUT   # how long a client waits for the answer
     created: bool = False         # success is 201 Created (unless a dry run)
+    access_override: str | None = None   # see ACCESS; default derived in ``access``
+
+    @property
+    def access(self) -> str:
+        """Who may call it: derived from what it acts on and whether it changes
+        something, so that a new row gets a rule without a line of its own."""
+        if self.access_override is not None:
+            return self.access_override
+        if self.target == "vm":
+            # one named VM: its people; the collection (list, create): everybody
+            return "owner" if self.target_param in self.path_params else "any"
+        if self.target == "user":
+            return "self"
+        return "any" if self.method == "GET" else "operator"
 
     @property
     def websocket(self) -> bool:
@@ -79,7 +99,12 @@ _VM = "/vms/{name}"
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("host", "GET", "/host", "Agent version, accel, capacity and qemu version"),
-    Operation("list", "GET", "/vms", "All VMs with their state", target="vm"),
+    Operation("host_log", "GET", "/host/log",
+              "The audit log: one JSON line per operation that changed something",
+              access_override="operator", params=("offset", "tail")),
+    Operation("list", "GET", "/vms",
+              "The VMs the caller may operate (all of them: operators with all)",
+              target="vm", params=("all",)),
     Operation("create", "POST", "/vms", "Create a VM from a spec and start it",
               target="vm", lock=True, timeout=900.0, created=True,
               params=("name", *_SPEC, "dry_run", "start", "template")),
@@ -149,6 +174,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("template_remove", "DELETE", "/templates/{template}",
               "Remove a template (refused while VMs use it, unless force)",
               target="template", params=("force",)),
+    # the key registry (identity/keys.py): whose SSH keys get into VMs
+    Operation("key_list", "GET", "/keys", "A person's SSH public keys (default: the "
+              "caller's) and where they come from", target="user", params=("user",)),
+    Operation("key_add", "POST", "/keys", "Add SSH public keys to a person's registry "
+              "entry (default: the caller's)", target="user", created=True,
+              params=("user", "keys")),
+    Operation("key_remove", "DELETE", "/keys", "Remove a person's SSH public key (by "
+              "fingerprint or comment)", target="user", params=("user", "key")),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
@@ -161,16 +194,18 @@ def get(name: str) -> Operation:
 def markdown_table() -> str:
     """The table as docs/api.md shows it (kept in step by tests/test_docs.py; regenerate
     with ``python3 -m vmagent.ops``)."""
-    lines = ["| op | request | acts on | lock | client timeout | what |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| op | request | acts on | who may | lock | client timeout | what |",
+             "|---|---|---|---|---|---|---|"]
     for op in OPERATIONS:
-        params = ", ".join(f"{p}?" for p in op.params if p not in _SPEC)
-        if set(_SPEC) <= set(op.params):
-            params = ", ".join(filter(None, ["spec fields...", params]))
+        if set(_SPEC) <= set(op.params):     # create, push_config
+            params = ", ".join(["spec fields...", *(f"{p}?" for p in op.params
+                                                    if p not in _SPEC)])
+        else:
+            params = ", ".join(f"{p}?" for p in op.params)
         request = f"`{op.method} {op.url_path}`" + (f" `{{{params}}}`" if params else "")
         if op.stream:
             request += f" (websocket: {op.stream})"
-        lines.append(f"| `{op.name}` | {request} | {op.target} | "
+        lines.append(f"| `{op.name}` | {request} | {op.target} | {op.access} | "
                      f"{'yes' if op.lock else ''} | {op.timeout:g} s | {op.summary} |")
     return "\n".join(lines) + "\n"
 

@@ -273,7 +273,7 @@ class Defaults:
     cpus: int = 2
     memory: int = 2 << 30
     disk: int = 10 << 30
-    admins: tuple[str, ...] = ("dev",)
+    admins: tuple[str, ...] = ()       # people besides the owner (identity/accounts.py)
     segment: str = "dev"
 
 

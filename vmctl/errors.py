@@ -26,11 +26,13 @@ EXIT_CODES = {
     "too_large": USAGE,
     "image_error": GENERIC,
     "unauthorized": UNAUTHORIZED,
+    "forbidden": UNAUTHORIZED,
     "not_found": NOT_FOUND,
     "conflict": CONFLICT,
     "qemu_failed": QEMU_FAILED,
     "qmp_failed": QEMU_FAILED,
     "timeout": TIMEOUT,
+    "unavailable": GENERIC,
     "internal": GENERIC,
     # raised by vmctl itself
     "unreachable": UNREACHABLE,

@@ -1,14 +1,20 @@
 """Who is calling, per transport: the :class:`~vmagent.context.RequestContext` of a
 request.
 
-* the unix socket: the local user of the connecting process (``SO_PEERCRED``);
-* TCP: the holder of a bearer token (``Authorization: Bearer <token>``; the scheme is
-  case-insensitive); a request without a valid one is refused with 401.
+* the unix socket: the local user of the connecting process (``SO_PEERCRED``), an
+  operator if it is root or a member of the operators group (``vmagent-admin`` by
+  default). The SSH transport reaches this socket through sshd, as the SSH login user,
+  so that user is the caller.
+* TCP: the user a bearer token is bound to (``Authorization: Bearer <token>``; the
+  scheme is case-insensitive), with the token's role; ``--token-file`` is one operator
+  token. A request without a valid token is refused with 401.
 """
 
 from __future__ import annotations
 
+import grp
 import hmac
+import os
 import pwd
 import socket
 import struct
@@ -16,8 +22,11 @@ from typing import Protocol
 
 from aiohttp import web
 
+from vmagent.api.tokens import TokenStore
 from vmagent.context import Caller, RequestContext, Role, Transport
 from vmagent.errors import Unauthorized
+
+OPERATORS_GROUP = "vmagent-admin"
 
 
 class Authenticator(Protocol):
@@ -40,14 +49,30 @@ def user_name(uid: int) -> str:
         return f"uid{uid}"
 
 
+def in_group(user: str, group: str) -> bool:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return gid in os.getgrouplist(user, pw.pw_gid)
+
+
 class UnixPeer:
-    """Callers on the unix socket: whoever the socket's mode lets in is trusted as an
-    operator (who may connect is decided by the socket's owner, group and mode)."""
+    """Callers on the unix socket, by the uid of the connecting process."""
+
+    def __init__(self, operators_group: str = OPERATORS_GROUP) -> None:
+        self.operators_group = operators_group
+
+    def caller(self, uid: int | None) -> Caller:
+        if uid is None:
+            raise Unauthorized("the caller's identity is unknown (no peer credentials)")
+        user = user_name(uid)
+        operator = uid == 0 or in_group(user, self.operators_group)
+        return Caller(user, Role.OPERATOR if operator else Role.USER, uid=uid)
 
     def authenticate(self, request: web.Request) -> RequestContext:
-        uid = peer_uid(request)
-        user = user_name(uid) if uid is not None else "unknown"
-        return RequestContext(Caller(user, Role.OPERATOR, uid=uid), Transport.UNIX)
+        return RequestContext(self.caller(peer_uid(request)), Transport.UNIX)
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -57,16 +82,24 @@ def bearer_token(request: web.Request) -> str | None:
     return value.strip()
 
 
-class StaticToken:
-    """One operator token (``--token-file``)."""
+class BearerTokens:
+    """TCP callers: the tokens of the token store, and the ``--token-file`` token (one
+    operator, named ``operator``)."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+    def __init__(self, store: TokenStore, static_token: str | None = None) -> None:
+        self.store = store
+        self._static = static_token.encode() if static_token else None
 
     def authenticate(self, request: web.Request) -> RequestContext:
         given = bearer_token(request)
-        if given is None or not hmac.compare_digest(given.encode(), self._token):
-            raise Unauthorized("a valid bearer token is required "
-                               "(Authorization: Bearer <token>)")
-        return RequestContext(Caller("operator", Role.OPERATOR, token_id="token-file"),
-                              Transport.TCP)
+        if given is not None:
+            if self._static is not None and hmac.compare_digest(given.encode(),
+                                                                self._static):
+                return RequestContext(Caller("operator", Role.OPERATOR,
+                                             token_id="token-file"), Transport.TCP)
+            rec = self.store.lookup(given)
+            if rec is not None:
+                return RequestContext(Caller(rec.user, Role(rec.role), token_id=rec.id),
+                                      Transport.TCP)
+        raise Unauthorized("a valid bearer token is required "
+                           "(Authorization: Bearer <token>)")

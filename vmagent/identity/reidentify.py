@@ -13,7 +13,7 @@ from __future__ import annotations
 from vmagent.identity import hostkeys
 
 from vmagent.identity import seed
-from vmagent.spec import VMSpec
+from vmagent.identity.accounts import Account
 
 # run in the template VM before its state is saved: no key of the template's creator is
 # in the saved state or the frozen disk, so not even the moment between a clone's
@@ -34,7 +34,7 @@ def console_key_block(keys: dict[str, tuple[str, str]]) -> bytes:
 Entry = tuple  # (content: bytes | None for a directory, mode: int, owner: str)
 
 
-def reidentify_files(name: str, spec: VMSpec, keys: dict[str, tuple[str, str]],
+def reidentify_files(name: str, accounts: list[Account], keys: dict[str, tuple[str, str]],
                      machine_id: str) -> dict[str, Entry]:
     """What a clone gets: {absolute path: (content or None for a directory, mode, owner)},
     in the order they are written. Owners are names, looked up in the guest, so the users
@@ -48,12 +48,13 @@ def reidentify_files(name: str, spec: VMSpec, keys: dict[str, tuple[str, str]],
         files[path] = (priv.encode(), 0o600, "root")
         files[path + ".pub"] = ((pub.strip() + "\n").encode(), 0o644, "root")
     files[hostkeys.SSHD_CONF] = (hostkeys.sshd_conf(keys).encode(), 0o644, "root")
-    keys_text = "".join(k + "\n" for k in spec.ssh_keys).encode()
-    for user in spec.admins:
+    for acc in accounts:
+        user = acc.name
         files[f"/etc/sudoers.d/90-vmagent-{user}"] = (
             f"{user} {seed.SUDO_RULE}\n".encode(), 0o440, "root")
         files[f"/home/{user}/.ssh"] = (None, 0o700, user)
-        files[f"/home/{user}/.ssh/authorized_keys"] = (keys_text, 0o600, user)
+        files[f"/home/{user}/.ssh/authorized_keys"] = (
+            "".join(k + "\n" for k in acc.keys).encode(), 0o600, user)
     return files
 
 
@@ -123,7 +124,7 @@ print "reidentified\n";
 """
 
 
-def reidentify_argv(name: str, spec: VMSpec, keys: dict[str, tuple[str, str]],
+def reidentify_argv(name: str, accounts: list[Account], keys: dict[str, tuple[str, str]],
                     machine_id: str, epoch: float, entropy: bytes,
                     template_users: list[str] | None = None, root: str = "/") -> list[str]:
     """The guest agent's ``guest-exec`` of ``/usr/bin/perl`` in a fresh clone (as root):
@@ -133,9 +134,10 @@ def reidentify_argv(name: str, spec: VMSpec, keys: dict[str, tuple[str, str]],
     guest's files are (a test's directory; the RNG, clock and users are then left alone).
     """
     sec, usec = int(epoch), int((epoch % 1) * 1e6)
-    new_users = [u for u in spec.admins if u not in set(template_users or ())]
+    new_users = [a.name for a in accounts if a.name not in set(template_users or ())]
     args = ["-e", PROGRAM, "--", root, name, str(sec), str(usec), entropy.hex(),
             ",".join(seed.ADMIN_GROUPS), ",".join(new_users)]
-    for path, (data, mode, owner) in reidentify_files(name, spec, keys, machine_id).items():
+    for path, (data, mode, owner) in reidentify_files(name, accounts, keys,
+                                                      machine_id).items():
         args += [path, f"{mode:o}", owner, "-" if data is None else data.hex()]
     return args

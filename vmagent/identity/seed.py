@@ -19,6 +19,7 @@ import pycdlib
 import yaml
 
 from vmagent.identity import hostkeys
+from vmagent.identity.accounts import Account, from_spec
 from vmagent.errors import BadRequest
 from vmagent.fsutil import atomic_write
 from vmagent.spec import VMSpec
@@ -73,10 +74,10 @@ def build_network_config(mac: str, ifname: str = "eth0") -> dict[str, Any]:
         "match": {"macaddress": mac_l}, "set-name": ifname, "dhcp4": True}}}
 
 
-def _generated(spec: VMSpec) -> dict[str, Any]:
-    users = [{"name": admin, "groups": list(ADMIN_GROUPS), "shell": "/bin/bash",
+def _generated(spec: VMSpec, accounts: list[Account]) -> dict[str, Any]:
+    users = [{"name": acc.name, "groups": list(ADMIN_GROUPS), "shell": "/bin/bash",
               "sudo": SUDO_RULE, "lock_passwd": True,
-              "ssh_authorized_keys": list(spec.ssh_keys)} for admin in spec.admins]
+              "ssh_authorized_keys": list(acc.keys)} for acc in accounts]
     return {"hostname": spec.name, "fqdn": spec.name, "preserve_hostname": False,
             # always present, even empty: a missing ``users`` creates the image's
             # "default" user
@@ -156,10 +157,12 @@ def merge_cloud_config(base: dict[str, Any], over: dict[str, Any],
 
 
 def build_user_data(spec: VMSpec, extra: dict[str, Any] | None = None,
-                    host_keys: hostkeys.Keys | None = None) -> dict[str, Any]:
-    """The cloud-config of a VM: the generated part (with the SSH host keys the agent
-    made, :mod:`vmagent.hostkeys`), then ``extra`` (the image's), then the caller's
-    ``spec.user_data``, each merged with these rules:
+                    host_keys: hostkeys.Keys | None = None,
+                    accounts: list[Account] | None = None) -> dict[str, Any]:
+    """The cloud-config of a VM: the generated part (its guest ``accounts``,
+    :mod:`vmagent.identity.accounts`, by default those of the spec's admins; the SSH
+    host keys the agent made, :mod:`vmagent.identity.hostkeys`), then ``extra`` (the
+    image's), then the caller's ``spec.user_data``, each merged with these rules:
 
     * mappings merge recursively;
     * lists concatenate, generated entries first (``runcmd``, ``packages``, ...);
@@ -175,7 +178,7 @@ def build_user_data(spec: VMSpec, extra: dict[str, Any] | None = None,
 
     Raises BadRequest if a layer is not a mapping or the rendered document is over
     256 KiB."""
-    doc = _generated(spec)
+    doc = _generated(spec, from_spec(spec) if accounts is None else accounts)
     if host_keys:
         doc = merge_cloud_config(doc, hostkeys.cloud_config(host_keys), "host keys")
     if extra is not None:
@@ -198,10 +201,12 @@ def render_user_data(doc: dict[str, Any]) -> bytes:
 
 def render_seed(spec: VMSpec, instance_id: str, mac: str,
                 extra: dict[str, Any] | None = None,
-                host_keys: hostkeys.Keys | None = None) -> dict[str, bytes]:
+                host_keys: hostkeys.Keys | None = None,
+                accounts: list[Account] | None = None) -> dict[str, bytes]:
     """The three NoCloud files, by their exact names."""
     return {"meta-data": _dump(build_meta_data(spec.name, instance_id)),
-            "user-data": render_user_data(build_user_data(spec, extra, host_keys)),
+            "user-data": render_user_data(build_user_data(spec, extra, host_keys,
+                                                          accounts)),
             "network-config": _dump(build_network_config(mac))}
 
 

@@ -137,13 +137,16 @@ class TemplateService:
                                f"the disk of a removed template {template!r} is still used "
                                f"by VM(s) {', '.join(self.users(template))}")
             job = Job(KIND, template, steps=STEPS)
-            result = await self.jobs.run(job, lambda job: self._build(spec, limit, job))
+            result = await self.jobs.run(job, lambda job: self._build(ctx, spec, limit, job))
             assert result is not None
             return result
 
-    async def _build(self, spec: VMSpec, limit: float, job: Job) -> dict:
+    async def _build(self, ctx: RequestContext, spec: VMSpec, limit: float,
+                     job: Job) -> dict:
         t0 = time.monotonic()
         job.begin("image")
+        # the template's guest gets its accounts; their keys are emptied before the save
+        accounts = await self.creator.accounts(ctx.caller.user, spec, require_keys=False)
         img = await self.creator.image_for(spec.image or self.defaults.image, pull=True)
         spec = apply_defaults(spec, self.defaults, img.virtual_size)
         rt = self.creator.provisioner.new_runtime(spec.name)
@@ -158,7 +161,7 @@ class TemplateService:
                 keys = hostkeys.for_vm(spec.name, img.cloud_config,
                                        spec.extra_cloud_config())
                 seed.write_seed_iso(path / rundir.SEED, seed.render_seed(
-                    spec, rt.instance_id, rt.mac, img.cloud_config, keys))
+                    spec, rt.instance_id, rt.mac, img.cloud_config, keys, accounts))
                 vm = VM(VMRecord(spec.name, path, spec, rt))
                 job.begin("boot")
                 await self.creator.launcher.launch(vm)
@@ -185,7 +188,7 @@ class TemplateService:
                 tpl = Template(name=spec.name, image=img.name, cpus=spec.cpus,
                                memory=spec.memory, disk=spec.disk, mac=rt.mac,
                                vmgenid=rt.vmgenid, hostname=spec.name,
-                               admins=list(spec.admins), state_size=size,
+                               admins=[a.name for a in accounts], state_size=size,
                                state_sha256=digest, created=now_iso(),
                                build_seconds=round(saved - t0, 2),
                                save_seconds=round(saved - booted, 2),

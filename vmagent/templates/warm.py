@@ -66,16 +66,19 @@ class WarmCreator:
             raise BadRequest("start: a warm start from a template starts the VM; "
                              "--no-start is not available with --template")
         self.creator.check_new(given.name)
+        accounts = await self.creator.accounts(ctx.caller.user, given)
         img = self.creator.images.resolve(tpl.image)
         spec = apply_defaults(dataclasses.replace(given, image=tpl.image, cpus=tpl.cpus,
                                                   memory=tpl.memory, disk=tpl.disk),
                               self.creator.defaults, img.virtual_size)
         rt = self.creator.provisioner.new_runtime(spec.name, mac=tpl.mac)
+        self.creator.own(rt, ctx, accounts)
         # the clone's host keys, in its seed for the next boots (unless the caller's
         # user-data makes its own at the next boot) and given by re-identification now
         keys = hostkeys.for_vm(spec.name, img.cloud_config, spec.extra_cloud_config(),
                                dry_run=dry_run)
-        files = seed.render_seed(spec, rt.instance_id, rt.mac, img.cloud_config, keys)
+        files = seed.render_seed(spec, rt.instance_id, rt.mac, img.cloud_config, keys,
+                                 accounts)
         if dry_run:
             return self.creator.dry_run(spec, rt, img, files, INCOMING, template=tpl.name)
         own = keys is not None
@@ -111,12 +114,12 @@ class WarmCreator:
         self.creator.done(vm)
         timings["total_s"] = round(time.monotonic() - t0, 3)
         log.info("%s: warm-started from template %s: %s", spec.name, tpl.name, timings)
-        return {**vm_status(vm), "template": tpl.name,
+        return {**vm_status(vm, ctx.caller.user), "template": tpl.name,
                 "host_keys": hostkeys.public(keys), "warm": timings}
 
     async def _reidentify(self, vm: VM, tpl: Template, keys: hostkeys.Keys,
                           timings: dict[str, Any]) -> None:
-        args = reidentify_argv(vm.name, vm.rec.spec, keys, uuid.uuid4().hex, time.time(),
+        args = reidentify_argv(vm.name, vm.accounts, keys, uuid.uuid4().hex, time.time(),
                                os.urandom(64), tpl.admins)
         code, out = await guest_exec(vm.qga, vm.name, "/usr/bin/perl", args, timeout=120,
                                      agent_wait=GUEST_AGENT_WAIT)

@@ -15,8 +15,12 @@ import dataclasses
 import logging
 from typing import Any
 
+from vmagent.context import RequestContext
 from vmagent.errors import Conflict
+from vmagent.identity import accounts as accounts_mod
 from vmagent.identity import hostkeys, seed
+from vmagent.identity.accounts import Account
+from vmagent.identity.keys import KeyRegistry
 from vmagent.images.store import Image, ImageStore
 from vmagent.spec import Defaults, VMSpec, apply_defaults
 from vmagent.vms.launcher import Launcher
@@ -30,12 +34,30 @@ log = logging.getLogger(__name__)
 
 class Creator:
     def __init__(self, registry: VMRegistry, provisioner: Provisioner, launcher: Launcher,
-                 images: ImageStore, defaults: Defaults) -> None:
+                 images: ImageStore, defaults: Defaults, keys: KeyRegistry) -> None:
         self.registry = registry
         self.provisioner = provisioner
         self.launcher = launcher
         self.images = images
         self.defaults = defaults
+        self.keys = keys
+
+    async def accounts(self, owner: str, spec: VMSpec,
+                       previous: list[Account] | None = None,
+                       require_keys: bool = True) -> list[Account]:
+        """The guest accounts of the owner and the admins, with their keys (400 when a
+        person has none, if ``require_keys``)."""
+        found, warnings = await accounts_mod.resolve(owner, spec.admins, spec.ssh_keys,
+                                                     self.keys, previous,
+                                                     require_keys=require_keys)
+        for w in warnings:
+            log.warning("%s: %s", spec.name, w)
+        return found
+
+    def own(self, rt: Runtime, ctx: RequestContext, accounts: list[Account]) -> None:
+        """The caller owns the new VM."""
+        rt.owner = ctx.caller.user
+        rt.accounts = [a.to_json() for a in accounts]
 
     def check_new(self, name: str) -> None:
         if name in self.registry:
@@ -75,20 +97,23 @@ class Creator:
         vm.rec.rt.creating = False
         self.registry.save(vm)
 
-    async def cold(self, fields: dict[str, Any], dry_run: bool, start: bool) -> tuple[
-            VM | None, dict | None]:
+    async def cold(self, ctx: RequestContext, fields: dict[str, Any], dry_run: bool,
+                   start: bool) -> tuple[VM | None, dict | None]:
         """A VM booted from its image: (the VM, None), or (None, the dry run)."""
         spec = VMSpec.from_dict(fields)
         self.check_new(spec.name)
         # the whole spec is checked before anything slow (an image pull) happens
         dataclasses.replace(spec, segment=spec.segment or
                             self.defaults.segment).check_allocation()
+        accounts = await self.accounts(ctx.caller.user, spec)
         image = await self.image_for(spec.image or self.defaults.image, pull=not dry_run)
         spec = apply_defaults(spec, self.defaults, image.virtual_size)
         rt = self.provisioner.new_runtime(spec.name)
+        self.own(rt, ctx, accounts)
         keys = hostkeys.for_vm(spec.name, image.cloud_config, spec.extra_cloud_config(),
                                dry_run=dry_run)
-        files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config, keys)
+        files = seed.render_seed(spec, rt.instance_id, rt.mac, image.cloud_config, keys,
+                                 accounts)
         if dry_run:
             return None, self.dry_run(spec, rt, image, files)
         rec = await self.provisioner.stage(

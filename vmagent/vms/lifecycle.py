@@ -46,7 +46,7 @@ class Lifecycle:
         vm = self.registry.get(name)
         self.registry.need(vm, State.STOPPED, State.BROKEN)
         await self.launcher.launch(vm)
-        return vm_status(vm)
+        return vm_status(vm, ctx.caller.user)
 
     async def shutdown(self, ctx: RequestContext, name: str, timeout: Any = None) -> dict:
         vm = self.registry.get(name)
@@ -66,14 +66,14 @@ class Lifecycle:
         self.registry.transition(
             vm, State.STOPPED, f"forced off: the guest did not power down within {wait:g}s"
             if forced else None, started_at=None)
-        return vm_status(vm)
+        return vm_status(vm, ctx.caller.user)
 
     async def poweroff(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
         self.registry.need(vm, State.RUNNING, State.BROKEN, State.STARTING, State.STOPPING)
         await vm.quit()
         self.registry.transition(vm, State.STOPPED, started_at=None)
-        return vm_status(vm)
+        return vm_status(vm, ctx.caller.user)
 
     async def reboot(self, ctx: RequestContext, name: str, timeout: Any = None) -> dict:
         vm = self.registry.get(name)
@@ -81,7 +81,7 @@ class Lifecycle:
         method = await vm.reboot(parse_timeout(timeout, self.timeouts.reboot))
         vm.rec.rt.config_pending = False
         self.registry.save(vm)
-        return {**vm_status(vm), "method": method}
+        return {**vm_status(vm, ctx.caller.user), "method": method}
 
     async def reset(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
@@ -89,7 +89,7 @@ class Lifecycle:
         await vm.reset()
         vm.reset_boot()
         self.registry.save(vm)
-        return vm_status(vm)
+        return vm_status(vm, ctx.caller.user)
 
     async def hard_reset(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
@@ -98,7 +98,7 @@ class Lifecycle:
         if vm.machine.alive():
             await vm.machine.kill_and_wait()
         await self.launcher.launch(vm)
-        return vm_status(vm)
+        return vm_status(vm, ctx.caller.user)
 
     async def snapshot(self, ctx: RequestContext, name: str, snapshot: Any = None) -> dict:
         vm = self.registry.get(name)
@@ -108,7 +108,7 @@ class Lifecycle:
                              "(at most 64), starting with a letter or digit")
         self.registry.need(vm, State.RUNNING)
         snap = await vm.snapshot(tag)
-        return {"snapshot": snap, **vm_status(vm)}
+        return {"snapshot": snap, **vm_status(vm, ctx.caller.user)}
 
     async def snapshots(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)

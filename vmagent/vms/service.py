@@ -8,10 +8,13 @@ from typing import Any, Protocol
 
 from vmagent import rundir
 from vmagent.context import RequestContext
-from vmagent.errors import BadRequest, VMAgentError
+from vmagent.errors import BadRequest, Forbidden, VMAgentError
+from vmagent.identity import accounts as accounts_mod
 from vmagent.identity import hostkeys, seed
+from vmagent.identity.accounts import Account
 from vmagent.images.store import ImageStore
 from vmagent.qemu import argv as qargv
+from vmagent.qemu.guest import guest_exec
 from vmagent.spec import Defaults, VMSpec, apply_defaults, parse_flag
 from vmagent.vms.create import Creator
 from vmagent.vms.lifecycle import Lifecycle
@@ -58,11 +61,24 @@ class VMService:
 
     # --- reading ------------------------------------------------------------------------
 
-    async def list(self, ctx: RequestContext) -> dict:
-        return {"vms": [vm_status(vm) for vm in self.registry]}
+    async def list(self, ctx: RequestContext, all: Any = False) -> dict:
+        """The VMs the caller may operate: their own and those they administer; an
+        operator's list has the VMs without an owner too (made before ownership
+        existed), and with ``all`` every VM."""
+        caller = ctx.caller
+        every = parse_flag(all, "all")
+        if every and not caller.is_operator:
+            raise Forbidden(f"all: only operators list every VM; {caller.user} is a "
+                            f"{caller.role.value}", user=caller.user)
+
+        def listed(vm: VM) -> bool:
+            owner, admins = vm.people()
+            return every or caller.user == owner or caller.user in admins or (
+                caller.is_operator and owner is None)
+        return {"vms": [vm_status(vm, caller.user) for vm in self.registry if listed(vm)]}
 
     async def status(self, ctx: RequestContext, name: str) -> dict:
-        return vm_status(self.registry.get(name))
+        return vm_status(self.registry.get(name), ctx.caller.user)
 
     async def console_log(self, ctx: RequestContext, name: str, offset: Any = 0,
                           tail: Any = None) -> dict:
@@ -92,12 +108,12 @@ class VMService:
             if self.warm is None:
                 raise BadRequest("template: warm starts are not available on this agent")
             return await self.warm.create(ctx, template, fields, dry_run, start)
-        vm, dry = await self.creator.cold(fields, dry_run, start)
+        vm, dry = await self.creator.cold(ctx, fields, dry_run, start)
         if vm is None:
             assert dry is not None
             return dry
         self.creator.done(vm)
-        return vm_status(vm)
+        return vm_status(vm, ctx.caller.user)
 
     async def delete(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
@@ -134,21 +150,32 @@ class VMService:
             raise BadRequest(f"disk: {spec.disk} bytes is smaller than the current "
                              f"{old.disk}; a disk can only grow")
         rt = vm.rec.rt
+        old_accounts = vm.accounts
+        if rt.accounts is None:              # a VM from before people existed
+            accounts = accounts_mod.from_spec(spec)
+        else:
+            accounts = await self.creator.accounts(rt.owner or ctx.caller.user, spec,
+                                                   previous=old_accounts)
         instance_id = seed.new_instance_id(name)
         # the VM keeps its host keys, unless the new user-data handles them itself
         keys = hostkeys.load(vm.run_dir)
         if keys and hostkeys.overridden(image.cloud_config, spec.extra_cloud_config()):
             keys = None
-        files = seed.render_seed(spec, instance_id, rt.mac, image.cloud_config, keys)
+        files = seed.render_seed(spec, instance_id, rt.mac, image.cloud_config, keys,
+                                 accounts)
         # a new inode: a running qemu keeps reading the old seed until the swap below
         seed.write_seed_iso(vm.run_dir / rundir.SEED, files)
         if keys is None:
             (vm.run_dir / rundir.HOST_KEYS).unlink(missing_ok=True)
             vm.host_keys = None
         vm.rec.spec, rt.instance_id = spec, instance_id
+        if rt.accounts is not None:
+            rt.accounts = [a.to_json() for a in accounts]
         self.registry.store.save_spec(vm.rec)
+        synced = None
         if rt.state == State.RUNNING:
             rt.config_pending = True
+            synced = await self._sync_accounts(vm, old_accounts, accounts)
             # the guest locks the tray of a mounted CD: force the swap, so that a guest
             # reboot (not only a cold start) sees the new seed
             try:
@@ -159,4 +186,29 @@ class VMService:
                 log.warning("%s: seed swap failed (%s); the new config is used at the "
                             "next start", name, e)
         self.registry.save(vm)
-        return vm_status(vm)
+        status = vm_status(vm, ctx.caller.user)
+        return {**status, "accounts_synced": synced} if synced is not None else status
+
+    async def _sync_accounts(self, vm: VM, old: list[Account],
+                             new: list[Account]) -> dict | None:
+        """Give added people their account and keys in the running guest, take removed
+        ones away (through the guest agent, no reboot). None: nothing changed."""
+        upsert, remove = accounts_mod.changes(old, new)
+        if not upsert and not remove:
+            return None
+        result = {"added": [a.name for a in upsert], "removed": remove, "ok": False}
+        try:
+            code, out = await guest_exec(vm.qga, vm.name, "/bin/sh",
+                                         ["-c", accounts_mod.sync_script(upsert, remove)],
+                                         timeout=60, agent_wait=5)
+        except VMAgentError as e:
+            result["error"] = f"the guest agent did not answer: {e.message}; the " \
+                "accounts change at the next boot"
+            log.warning("%s: %s", vm.name, result["error"])
+            return result
+        result["ok"] = code == 0 and "accounts-synced" in out
+        if not result["ok"]:
+            result["error"] = f"the guest's account change failed (exit {code}): " \
+                f"{out.strip()[-300:]}"
+            log.warning("%s: %s", vm.name, result["error"])
+        return result

@@ -7,11 +7,22 @@ import shutil
 from pathlib import Path
 
 from vmagent.identity import hostkeys
+from vmagent.identity.accounts import account_of
 from vmagent.vms.state import State
 from vmagent.vms.vm import VM
 
 
-def vm_status(vm: VM) -> dict:
+def ssh_user(vm: VM, caller: str | None) -> str:
+    """The guest account a caller logs in as: their own, else the owner's."""
+    accounts = vm.accounts
+    for person in (caller, vm.rec.rt.owner):
+        if person and (acc := account_of(accounts, person)) is not None:
+            return acc.name
+    return accounts[0].name if accounts else "root"
+
+
+def vm_status(vm: VM, caller: str | None = None) -> dict:
+    """What ``status`` reports; ``caller``: the person asking (their SSH user)."""
     rec, rt = vm.rec, vm.rec.rt
     running = rt.state == State.RUNNING
     progress = vm.boot_progress() if running else {"kernel": False, "cloud_init": None,
@@ -24,7 +35,9 @@ def vm_status(vm: VM) -> dict:
         "accel": rt.accel,
         "ssh_host": "127.0.0.1",
         "ssh_port": rt.ssh_port,
-        "ssh_user": (rec.spec.admins or ["root"])[0],
+        "ssh_user": ssh_user(vm, caller),
+        "owner": rt.owner,
+        "accounts": [a.name for a in vm.accounts],
         "ssh_ready": running and vm.ssh_ready,
         # public halves of the host keys the agent gave the VM (null: learn them from the
         # console); vmctl pins them

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,10 @@ class Runtime:
     creating: bool = False              # the create has not answered yet (rolled back
                                         # after a restart)
     changed_at: float | None = None     # epoch seconds of the last state change
+    owner: str | None = None            # who created it (None: before ownership existed;
+                                        # the operators')
+    accounts: list[dict] | None = None  # its guest accounts (identity/accounts.py);
+                                        # None: the spec's admins, as before people
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:
@@ -85,7 +88,6 @@ class Store:
         self.root = Path(root)
         self.vms_dir = self.root / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o750)
         for leftover in sweep(self.vms_dir):
             log.warning("removed leftover %s", leftover)
 

@@ -21,6 +21,7 @@ from typing import Any
 from vmagent import rundir
 from vmagent.errors import Conflict, QMPFailure, Timeout, VMAgentError
 from vmagent.identity import hostkeys
+from vmagent.identity.accounts import Account, account_of, from_spec
 from vmagent.poll import poll_until
 from vmagent.qemu import argv as qargv
 from vmagent.qemu.console import ConsoleLog
@@ -79,6 +80,16 @@ class VM:
     @property
     def run_dir(self) -> Path:
         return self.rec.run_dir
+
+    @property
+    def accounts(self) -> list[Account]:
+        acc = self.rec.rt.accounts
+        return from_spec(self.rec.spec) if acc is None else [Account.from_json(a)
+                                                             for a in acc]
+
+    def people(self) -> tuple[str | None, list[str]]:
+        """(owner, admins): who may operate it (besides the operators)."""
+        return self.rec.rt.owner, list(self.rec.spec.admins)
 
     @property
     def console(self) -> ConsoleLog:
