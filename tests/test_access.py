@@ -365,5 +365,12 @@ def test_a_vm_from_before_ownership_belongs_to_the_operators(world, tmp_path):
         assert [v["name"] for v in agent.ok("GET", "/vms")["vms"]] == ["legacy"]
         status, doc = agent.as_user(ALICE, "GET", "/vms/legacy")
         assert status == 403 and "the operators" in doc["message"]
+        # only an operator hands it over; then it is alice's, with her account
+        agent.as_user(ALICE, "POST", "/keys", {"keys": world["people"].pub(ALICE)})
+        status, doc = agent.as_user(ALICE, "POST", "/vms/legacy/config", {"owner": ALICE})
+        assert status == 403
+        st = agent.ok("POST", "/vms/legacy/config", {"owner": ALICE})
+        assert st["owner"] == ALICE and st["accounts"] == [ALICE]
+        assert agent.as_user(ALICE, "GET", "/vms/legacy")[0] == 200
     finally:
         agent.cleanup()

@@ -113,8 +113,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("delete", "DELETE", _VM, "Stop the VM and remove all its files",
               target="vm", lock=True, timeout=300.0),
     Operation("push_config", "POST", _VM + "/config",
-              "Change the spec or user-data; applied at the next boot",
-              target="vm", lock=True, params=_SPEC, timeout=300.0),
+              "Change the spec or user-data (applied at the next boot; admins at once); "
+              "operators may also give the VM another owner",
+              target="vm", lock=True, params=(*_SPEC, "owner"), timeout=300.0),
     Operation("start", "POST", _VM + "/start", "Start a stopped VM", target="vm",
               lock=True, timeout=300.0),
     Operation("reboot", "POST", _VM + "/reboot",

@@ -15,7 +15,7 @@ from vmagent.identity.accounts import Account
 from vmagent.images.store import ImageStore
 from vmagent.qemu import argv as qargv
 from vmagent.qemu.guest import guest_exec
-from vmagent.spec import Defaults, VMSpec, apply_defaults, parse_flag
+from vmagent.spec import USER_RE, Defaults, VMSpec, apply_defaults, parse_flag
 from vmagent.vms.create import Creator
 from vmagent.vms.lifecycle import Lifecycle
 from vmagent.vms.registry import VMRegistry
@@ -135,9 +135,17 @@ class VMService:
         self.registry.store.remove(vm.name)
         self.registry.discard(vm.name)
 
-    async def push_config(self, ctx: RequestContext, name: str, **fields: Any) -> dict:
+    async def push_config(self, ctx: RequestContext, name: str, owner: Any = None,
+                          **fields: Any) -> dict:
         vm = self.registry.get(name)
         old = vm.rec.spec
+        if owner is not None:
+            if not ctx.caller.is_operator:
+                raise Forbidden(f"owner: only operators give a VM another owner; "
+                                f"{ctx.caller.user} is a {ctx.caller.role.value}",
+                                vm=name, user=ctx.caller.user)
+            if not isinstance(owner, str) or not USER_RE.fullmatch(owner):
+                raise BadRequest(f"owner: {str(owner)[:40]!r} is not a valid user name")
         if "name" in fields and fields["name"] != name:
             raise BadRequest("a VM cannot be renamed")
         spec = VMSpec.from_dict({**old.to_dict(), **fields})
@@ -151,11 +159,11 @@ class VMService:
                              f"{old.disk}; a disk can only grow")
         rt = vm.rec.rt
         old_accounts = vm.accounts
-        if rt.accounts is None:              # a VM from before people existed
+        if rt.accounts is None and owner is None:    # a VM from before people existed
             accounts = accounts_mod.from_spec(spec)
         else:
-            accounts = await self.creator.accounts(rt.owner or ctx.caller.user, spec,
-                                                   previous=old_accounts)
+            accounts = await self.creator.accounts(owner or rt.owner or ctx.caller.user,
+                                                   spec, previous=old_accounts)
         instance_id = seed.new_instance_id(name)
         # the VM keeps its host keys, unless the new user-data handles them itself
         keys = hostkeys.load(vm.run_dir)
@@ -169,7 +177,9 @@ class VMService:
             (vm.run_dir / rundir.HOST_KEYS).unlink(missing_ok=True)
             vm.host_keys = None
         vm.rec.spec, rt.instance_id = spec, instance_id
-        if rt.accounts is not None:
+        if owner is not None:
+            rt.owner = owner
+        if rt.accounts is not None or owner is not None:
             rt.accounts = [a.to_json() for a in accounts]
         self.registry.store.save_spec(vm.rec)
         synced = None
