@@ -16,12 +16,13 @@ from pathlib import Path
 
 from vmagent.api.access import access_guard
 from vmagent.api.audit import AuditLog, AuditService, audit_guard
-from vmagent.api.dispatch import Dispatcher, Handler, lock_guard
+from vmagent.api.dispatch import Dispatcher, Handler, disk_full_guard, lock_guard
 from vmagent.api.tokens import TokenStore
 from vmagent.identity.keys import KeyRegistry, KeysDir, KeysURL
 from vmagent.identity.keyservice import KeyService
 from vmagent.images.build.jobs import Builds
 from vmagent.images.catalog import Catalog
+from vmagent.images.pulls import Pulls
 from vmagent.images.service import ImageService
 from vmagent.images.store import ImageStore
 from vmagent.jobs import Jobs
@@ -58,6 +59,7 @@ class Settings:
     accel_override: str | None = None  # "kvm"/"tcg": skip the probe
     keys_url: str | None = None        # a URL template for people's keys ({user})
     keys_ttl: float = 300.0            # how long fetched keys are used before a refetch
+    allow_local_urls: bool = False     # pulls may reach loopback and private addresses
 
 
 class Agent:
@@ -76,12 +78,14 @@ class Agent:
             else None)
         self.store = Store(state_dir)
         self.registry = VMRegistry(self.store, settings.lock_wait)
-        self.images = ImageStore(state_dir / "images", settings.catalog)
+        self.images = ImageStore(state_dir / "images", settings.catalog,
+                                 allow_local_urls=settings.allow_local_urls)
+        self.pulls = Pulls(self.images, self.jobs)
         self.ports = PortAllocator(lambda: (vm.rec.rt.ssh_port for vm in self.registry))
         self.launcher = Launcher(self.registry, self.images, self.host, self.ports)
         self.provisioner = Provisioner(self.store, self.ports)
         self.creator = Creator(self.registry, self.provisioner, self.launcher, self.images,
-                               settings.defaults, self.keys)
+                               settings.defaults, self.keys, self.pulls)
         self.lifecycle = Lifecycle(self.registry, self.launcher, settings.timeouts)
         self.templates = TemplateService(TemplateStore(state_dir / "templates"),
                                          self.registry, self.creator, self.host,
@@ -90,16 +94,16 @@ class Agent:
                              settings.defaults,
                              warm=WarmCreator(self.creator, self.templates, self.host))
         self.builds = Builds(state_dir, self.images, settings.catalog, self.jobs)
-        self.image_ops = ImageService(self.images, self.builds, self.host, state_dir,
-                                      users=self.image_users)
+        self.image_ops = ImageService(self.images, self.builds, self.pulls, self.host,
+                                      state_dir, users=self.image_users)
         self.host_ops = HostService(self.registry, self.host, state_dir)
         self.streams = VMStreams(self.registry)
         self.watcher = Watcher(self.registry, self.lifecycle)
         # outermost first: every change is audited (refusals too), the permission is
         # checked before an operation waits for its VM's lock
         self.dispatcher = Dispatcher(self.handlers(), [
-            audit_guard(self.audit), access_guard(self.people),
-            lock_guard(self.registry.locked)])
+            audit_guard(self.audit), disk_full_guard(state_dir),
+            access_guard(self.people), lock_guard(self.registry.locked)])
 
     def people(self, name: str) -> tuple[str | None, list[str]] | None:
         """Who may operate the VM ``name`` besides the operators (None: no such VM)."""
@@ -124,6 +128,7 @@ class Agent:
             "reset": life.reset, "poweroff": life.poweroff, "hard_reset": life.hard_reset,
             "snapshot": life.snapshot, "snapshots": life.snapshots,
             "image_list": img.list, "image_import": img.import_, "image_pull": img.pull,
+            "image_pull_status": img.pull_status, "image_pull_cancel": img.pull_cancel,
             "image_remove": img.remove, "image_build": img.build,
             "image_build_status": img.build_status,
             "template_create": tpl.create, "template_list": tpl.list,

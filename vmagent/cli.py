@@ -48,6 +48,9 @@ def _serve_args(sub: argparse._SubParsersAction) -> None:
                    "the keys directory has none, e.g. https://keys.example.org/{user}.keys")
     p.add_argument("--keys-ttl", type=float, default=300.0, metavar="SECONDS",
                    help="how long keys fetched from --keys-url are used (default 300)")
+    p.add_argument("--allow-local-urls", action="store_true",
+                   help="let image pulls reach loopback and private addresses (link-local "
+                        "ones never)")
     p.add_argument("--accel", choices=("kvm", "tcg"), default=os.environ.get("VMAGENT_ACCEL"),
                    help="skip the KVM probe and use this accelerator")
     p.add_argument("--probe-kernel", action="append", default=[],

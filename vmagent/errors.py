@@ -7,6 +7,7 @@ the CLI maps the same codes to exit codes once (in ``vmctl/errors.py``).
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -65,6 +66,21 @@ class Conflict(VMAgentError):
 
     code = "conflict"
     status = 409
+
+
+class NoSpace(VMAgentError):
+    """The state dir's file system is full (507): nothing half-made is left."""
+
+    code = "no_space"
+    status = 507
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """An error that means 'the disk is full' (ENOSPC, or a tool that said so)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    output = getattr(exc, "output", None)
+    return isinstance(output, str) and "No space left on device" in output
 
 
 class Timeout(VMAgentError):

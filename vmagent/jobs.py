@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from vmagent.errors import VMAgentError
+from vmagent.errors import VMAgentError, is_no_space
 from vmagent.fsutil import FormatError, read_record, tail_lines, write_record
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,11 @@ class Jobs:
                 raise
             return None
         except Exception as e:  # noqa: BLE001 - a bug: the job says so, the log has it
-            log.exception("%s %s failed", job.kind, job.name)
-            job.fail(f"internal error: {type(e).__name__}: {e}")
+            if is_no_space(e):
+                job.fail(f"the file system is full: {e}")
+            else:
+                log.exception("%s %s failed", job.kind, job.name)
+                job.fail(f"internal error: {type(e).__name__}: {e}")
             if reraise:
                 raise
             return None

@@ -151,8 +151,15 @@ OPERATIONS: tuple[Operation, ...] = (
               params=("image", "path", "kernel", "initrd", "append", "sha256",
                       "description")),
     Operation("image_pull", "POST", "/images/{image}/pull",
-              "Download a catalog image (or a URL) and verify its digest", target="image",
-              created=True, timeout=3600.0, params=("url", "sha256")),
+              "Download a catalog image (or a URL) and verify its digest: a job, bounded by "
+              "its deadline (timeout) and a minimum rate; wait=false answers at once",
+              target="image", timeout=3600.0, params=("url", "sha256", "timeout", "wait")),
+    Operation("image_pull_status", "GET", "/images/{image}/pull",
+              "The image's latest pull job: state, bytes done and expected, error, result",
+              target="image"),
+    Operation("image_pull_cancel", "DELETE", "/images/{image}/pull",
+              "Cancel the image's running pull; nothing enters the store",
+              target="image"),
     Operation("image_remove", "DELETE", "/images/{image}",
               "Remove an image no VM uses", target="image"),
     # image builds (images/build/jobs.py): a background job, one at a time; poll it

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from vmagent import __version__
 from vmagent.api.auth import BearerTokens, UnixPeer
-from vmagent.api.server import build_app
+from vmagent.api.server import AgentRunner, build_app
 from vmagent.app import Agent, Settings
 from vmagent.images.catalog import Catalog, default_catalog_dir
 from vmagent.spec import Defaults
@@ -116,7 +116,8 @@ async def serve(args: argparse.Namespace) -> None:
     catalog = Catalog.load(args.catalog or default_catalog_dir())
     agent = Agent(Settings(state_dir=state_dir, catalog=catalog, defaults=Defaults(),
                            qemu_binary=args.qemu, accel_override=args.accel,
-                           keys_url=args.keys_url, keys_ttl=args.keys_ttl))
+                           keys_url=args.keys_url, keys_ttl=args.keys_ttl,
+                           allow_local_urls=args.allow_local_urls))
     await agent.start([Path(k) for k in args.probe_kernel])
     log.info("vmagent %s: accel %s (%s); %d VM(s)", __version__, agent.host.accel_name,
              agent.host.accel.reason if agent.host.accel else "", len(agent.registry))
@@ -124,7 +125,7 @@ async def serve(args: argparse.Namespace) -> None:
     runners = []
     listening = []
     prepare_socket(sock_path)
-    runner = web.AppRunner(build_app(agent.dispatcher, UnixPeer(args.operator_group)),
+    runner = AgentRunner(build_app(agent.dispatcher, UnixPeer(args.operator_group)),
                            handle_signals=False, access_log=None)
     await runner.setup()
     await web.UnixSite(runner, str(sock_path)).start()
@@ -135,7 +136,7 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("listening on unix:%s", sock_path)
     if args.listen:
         host, port = args.listen
-        tcp = web.AppRunner(build_app(agent.dispatcher, BearerTokens(agent.tokens, token)),
+        tcp = AgentRunner(build_app(agent.dispatcher, BearerTokens(agent.tokens, token)),
                             handle_signals=False, access_log=None)
         await tcp.setup()
         await web.TCPSite(tcp, host, port).start()

@@ -305,14 +305,14 @@ def parse_flag(value: Any, what: str) -> bool:
     raise BadRequest(f"{what}: expected true or false, got {value!r}")
 
 
-def parse_timeout(value: Any, default: float) -> float:
-    """Seconds (0 < t <= 3600) or ``default`` when not given."""
+def parse_timeout(value: Any, default: float, maximum: float = 3600) -> float:
+    """Seconds (0 < t <= ``maximum``) or ``default`` when not given."""
     if value in (None, ""):
         return default
     try:
         t = float(value)
     except (TypeError, ValueError):
         raise BadRequest(f"timeout: expected seconds, got {value!r}") from None
-    if not 0 < t <= 3600:
-        raise BadRequest("timeout: must be between 0 and 3600 seconds")
+    if not 0 < t <= maximum:
+        raise BadRequest(f"timeout: must be between 0 and {maximum:g} seconds")
     return t

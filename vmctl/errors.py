@@ -33,6 +33,7 @@ EXIT_CODES = {
     "qmp_failed": QEMU_FAILED,
     "timeout": TIMEOUT,
     "unavailable": GENERIC,
+    "no_space": GENERIC,
     "internal": GENERIC,
     # raised by vmctl itself
     "unreachable": UNREACHABLE,

@@ -12,10 +12,12 @@ operation gets all of them without a line of its own.
 from __future__ import annotations
 
 import contextlib
+import shutil
+from pathlib import Path
 from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable
 
 from vmagent.context import RequestContext
-from vmagent.errors import BadRequest
+from vmagent.errors import BadRequest, NoSpace, VMAgentError, is_no_space
 from vmagent.ops import BY_NAME, OPERATIONS, Operation
 
 Handler = Callable[..., Awaitable[Any]]
@@ -47,6 +49,25 @@ def target_of(op: Operation, params: dict[str, Any]) -> str | None:
     key = op.target_param
     value = params.get(key) if key else None
     return value if isinstance(value, str) else None
+
+
+def disk_full_guard(state_dir: Path) -> Guard:
+    """Any 'no space left' on the way becomes one clear error with the free bytes."""
+    @contextlib.asynccontextmanager
+    async def guard(op: Operation, ctx: RequestContext,
+                    params: dict[str, Any]) -> AsyncIterator[None]:
+        try:
+            yield
+        except NoSpace:
+            raise
+        except (OSError, VMAgentError) as e:
+            if not is_no_space(e):
+                raise
+            free = shutil.disk_usage(state_dir).free
+            raise NoSpace(f"{op.name}: the state dir's file system is full ({free} bytes "
+                          f"free at {state_dir}); nothing was left half-made", free=free,
+                          operation=op.name) from e
+    return guard
 
 
 def lock_guard(locked: Callable[[str], AsyncContextManager[None]]) -> Guard:

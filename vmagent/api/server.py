@@ -15,6 +15,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
+from aiohttp.web_protocol import RequestHandler
 
 from vmagent.api.auth import Authenticator
 from vmagent.api.dispatch import Dispatcher
@@ -149,3 +150,33 @@ def build_app(dispatcher: Dispatcher, auth: Authenticator) -> web.Application:
     for op in OPERATIONS:
         app.router.add_route(op.method, op.url_path, _handler(dispatcher, op), name=op.name)
     return app
+
+
+class _JSONErrorHandler(RequestHandler):
+    """Errors aiohttp answers before a request reaches the app (an oversized header, a
+    malformed request line) are JSON like every other error."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)
+        text = (message or getattr(exc, "message", None) or str(exc or "") or
+                getattr(plain, "text", "") or "").strip().splitlines()
+        err = (BadRequest if status < 500 else InternalError)(
+            f"malformed request: {text[0][:200]}" if text else "malformed request")
+        resp = web.json_response(err.to_json(), status=status)
+        resp.force_close()
+        return resp
+
+
+class _JSONErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JSONErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AgentRunner(web.AppRunner):
+    """An AppRunner whose low-level errors are JSON too (see :class:`_JSONErrorHandler`)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JSONErrorServer
+        return server

@@ -126,8 +126,8 @@ def sync_script(upsert: list[Account], remove: list[str],
             f"install -d -m 700 -o {u} -g \"$g\" \"$h/.ssh\"",
             f"printf '%s' {q(keys)} > \"$h/.ssh/.authorized_keys.vmagent\"",
             f"chown {u}:\"$g\" \"$h/.ssh/.authorized_keys.vmagent\"",
-            f"chmod 600 \"$h/.ssh/.authorized_keys.vmagent\"",
-            f"mv -f \"$h/.ssh/.authorized_keys.vmagent\" \"$h/.ssh/authorized_keys\"",
+            "chmod 600 \"$h/.ssh/.authorized_keys.vmagent\"",
+            "mv -f \"$h/.ssh/.authorized_keys.vmagent\" \"$h/.ssh/authorized_keys\"",
         ]
     for name in remove:
         u = q(name)

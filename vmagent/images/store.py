@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -22,14 +23,15 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from vmagent.qemu import disks
 
-from vmagent.images import download
+from vmagent.images import download, files
+from vmagent.images.files import Reader
 
 from vmagent import errors
 from vmagent.images.catalog import DEFAULT_APPEND, Catalog, CatalogEntry
@@ -107,9 +109,12 @@ class ImageStore:
     """Images under ``root``; ``catalog`` says what :meth:`pull` can fetch by name."""
 
     def __init__(self, root: Path, catalog: Catalog, *, connect_timeout: float = 30.0,
-                 read_timeout: float = 60.0) -> None:
+                 read_timeout: float = 60.0, allow_local_urls: bool = False,
+                 lock_wait: float = 30.0) -> None:
         self.root = Path(root)
         self.catalog = catalog
+        self.policy = download.AddressPolicy(allow_local_urls)
+        self.lock_wait = lock_wait
         self.staging = self.root / ".staging"
         self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
                                              sock_connect=connect_timeout,
@@ -119,6 +124,22 @@ class ImageStore:
         if self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(mode=0o700, exist_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """The image's lock, waited for at most ``lock_wait`` seconds: a long pull or
+        build of the same image makes a request fail clearly, never hang."""
+        lock = self._locks[name]
+        try:
+            await asyncio.wait_for(lock.acquire(), self.lock_wait)
+        except asyncio.TimeoutError:
+            raise errors.Conflict(f"image {name!r} is busy (a pull, import or build of it "
+                                  f"is running); gave up after {self.lock_wait:g}s",
+                                  image=name) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     # --- reading -------------------------------------------------------------------
 
@@ -231,57 +252,85 @@ class ImageStore:
     async def import_file(self, name: str, path: str | os.PathLike, *,
                           kernel: str | os.PathLike | None = None,
                           initrd: str | os.PathLike | None = None, append: str | None = None,
-                          sha256: str | None = None, description: str | None = None) -> Image:
-        """Copy a disk (and optionally a kernel and initrd) from this host into the store."""
+                          sha256: str | None = None, description: str | None = None,
+                          reader: Reader = Reader()) -> Image:
+        """Copy a disk (and optionally a kernel and initrd) from this host into the store;
+        the files are opened with ``reader``'s rights (the caller's) and must be what
+        they claim to be (:mod:`vmagent.images.files`)."""
         check_image_name(name)
         sha256 = _check_sha256(sha256)
         if initrd is not None and kernel is None:
             raise errors.BadRequest("initrd given without kernel")
         if append is not None and kernel is None:
             raise errors.BadRequest("append is only used with kernel")
-        files = {"path": path, "kernel": kernel, "initrd": initrd}
-        for what, f in files.items():
-            if f is not None and not Path(f).is_file():
-                raise errors.BadRequest(f"{what}: {f} is not a regular file"
-                                        if Path(f).exists() else f"{what}: {f} does not exist")
-        async with self._locks[name]:
-            if self.exists(name):
-                raise errors.Conflict(f"image {name!r} already exists", image=name)
-            await self._check_disk(Path(path))      # refuse early, before a long copy
-            stage = self._stage()
-            try:
-                part = stage / "disk.part"
-                w = await asyncio.to_thread(disks.sparse_copy, Path(path), part)
-                got = w.digest("sha256")
-                if sha256 and got != sha256:
-                    raise errors.ImageError(f"sha256 mismatch: expected {sha256}, got {got}")
-                info = await self._check_disk(part)
-                disk = stage / f"disk.{info['format']}"
-                os.rename(part, disk)
-                for src, dst in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
-                    if src is not None:
-                        await asyncio.to_thread(shutil.copyfile, src, stage / dst)
-                image = Image(
-                    name=name, format=info["format"], path=disk,
-                    virtual_size=info["virtual-size"], actual_size=info["actual-size"],
-                    sha256=got, boot="kernel" if kernel else "disk",
-                    kernel=stage / "vmlinuz" if kernel else None,
-                    initrd=stage / "initrd.img" if initrd else None,
-                    append=(append or DEFAULT_APPEND) if kernel else None,
-                    description=description or f"imported from {path}",
-                    source={"kind": "file", "location": str(Path(path).absolute())},
-                    created=_now())
-                return self._commit(stage, image)
-            finally:
-                await self._discard(stage)
+        for what, f in (("path", path), ("kernel", kernel), ("initrd", initrd)):
+            if f is not None and not isinstance(f, (str, os.PathLike)):
+                raise errors.BadRequest(f"{what}: expected a file name")
+        fds: dict[str, int] = {}
+        try:
+            fds["path"] = await reader.open(path, "path")
+            for what, f in (("kernel", kernel), ("initrd", initrd)):
+                if f is not None:
+                    fds[what] = await reader.open(f, what)
+                    files.check_content(fds[what], what, f"{what} {f}")
+            async with self._locked(name):
+                if self.exists(name):
+                    raise errors.Conflict(f"image {name!r} already exists", image=name)
+                # refuse early, before a long copy
+                info = await self._check_disk(files.fd_path(fds["path"]))
+                if info["format"] == "raw":
+                    problem = files.raw_disk_problem(files.read_header(fds["path"]),
+                                                     os.fstat(fds["path"]).st_size)
+                    if problem:
+                        raise errors.ImageError(f"path {path}: the raw image is refused: "
+                                                f"{problem}")
+                return await self._import_staged(name, path, fds, sha256, append,
+                                                 description)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    async def _import_staged(self, name: str, path: str | os.PathLike,
+                             fds: dict[str, int], sha256: str | None, append: str | None,
+                             description: str | None) -> Image:
+        stage = self._stage()
+        try:
+            part = stage / "disk.part"
+            w = await asyncio.to_thread(files.copy_fd, fds["path"], part)
+            got = w.digest("sha256")
+            if sha256 and got != sha256:
+                raise errors.ImageError(f"sha256 mismatch: expected {sha256}, got {got}")
+            info = await self._check_disk(part)
+            await files.check_disk_file(part, info["format"])
+            disk = stage / f"disk.{info['format']}"
+            os.rename(part, disk)
+            kernel = "kernel" in fds
+            for what, dst in (("kernel", "vmlinuz"), ("initrd", "initrd.img")):
+                if what in fds:
+                    await asyncio.to_thread(files.copy_fd, fds[what], stage / dst)
+            image = Image(
+                name=name, format=info["format"], path=disk,
+                virtual_size=info["virtual-size"], actual_size=info["actual-size"],
+                sha256=got, boot="kernel" if kernel else "disk",
+                kernel=stage / "vmlinuz" if kernel else None,
+                initrd=stage / "initrd.img" if "initrd" in fds else None,
+                append=(append or DEFAULT_APPEND) if kernel else None,
+                description=description or f"imported from {path}",
+                source={"kind": "file", "location": str(Path(path).absolute())},
+                created=_now())
+            return self._commit(stage, image)
+        finally:
+            await self._discard(stage)
 
     # --- pull ----------------------------------------------------------------------
 
     async def pull(self, name: str, *, url: str | None = None, sha256: str | None = None,
-                   progress: Progress | None = None) -> Image:
+                   progress: Progress | None = None,
+                   limits: download.Limits = download.Limits()) -> Image:
         """Download a catalog entry (or ``url``, then ``sha256`` is required) and verify
-        its digest before it enters the store. Idempotent: an image already in the store
-        is returned as is. ``progress(done_bytes, total_bytes | None)`` may be async."""
+        its digest before it enters the store, within ``limits`` (deadline, minimum
+        rate). Idempotent: an image already in the store is returned as is.
+        ``progress(done_bytes, total_bytes | None)`` may be async."""
         check_image_name(name)
         sha256 = _check_sha256(sha256)
         if url is None:
@@ -291,7 +340,7 @@ class ImageStore:
                 raise errors.BadRequest("sha256 is required to pull from a URL")
             entry = CatalogEntry(name=name, url=_check_url(url), sha256=sha256,
                                  description=f"downloaded from {url}")
-        async with self._locks[name]:
+        async with self._locked(name):
             if self.exists(name):
                 image = self.get(name)
                 if url is not None and image.source.get("location") != url:
@@ -302,11 +351,13 @@ class ImageStore:
                 raise errors.ImageError(f"image {name!r} is built from a recipe, not "
                                         f"downloaded: run 'vmctl image build {name}'",
                                         image=name)
+            clock = limits.clock()
             if not entry.derived:
-                return await self._download_entry(entry, sha256, progress)
-            async with self._locks[entry.base]:     # derived -> base lock order only
+                return await self._download_entry(entry, sha256, progress, clock)
+            async with self._locked(entry.base):     # derived -> base lock order only
                 if not self.exists(entry.base):
-                    await self._download_entry(self.catalog.get(entry.base), None, progress)
+                    await self._download_entry(self.catalog.get(entry.base), None, progress,
+                                               clock)
                 return await self._make_derived(entry)
 
     async def _make_derived(self, entry: CatalogEntry) -> Image:
@@ -326,45 +377,64 @@ class ImageStore:
             await self._discard(stage)
 
     async def _download_entry(self, entry: CatalogEntry, sha256: str | None,
-                              progress: Progress | None) -> Image:
+                              progress: Progress | None, clock: download.Clock) -> Image:
+        for u in (entry.url, entry.checksum_url, entry.kernel_url, entry.initrd_url):
+            if u:
+                self.policy.check_url(u)
         stage = self._stage()
         try:
-            async with aiohttp.ClientSession(timeout=self.timeout) as session:
-                sums = (await download.fetch_sums(session, entry.checksum_url)
-                        if entry.checksum_url else None)
-                part = stage / "disk.part"
-                w = await download.download(session, entry.url, part, download.expected(
-                    entry.url, {"sha256": entry.sha256, "sha512": entry.sha512}, sums,
-                    entry.checksum_url), progress)
-                if sha256 and w.digest("sha256") != sha256:
-                    raise errors.ImageError(f"sha256 mismatch for {entry.url}: expected "
-                                            f"{sha256}, got {w.digest('sha256')}")
-                for url, dst, hexd in ((entry.kernel_url, "vmlinuz", entry.kernel_sha256),
-                                       (entry.initrd_url, "initrd.img", entry.initrd_sha256)):
-                    if url:
-                        await download.download(
-                            session, url, stage / dst,
-                            download.expected(url, {"sha256": hexd}, sums,
-                                              entry.checksum_url), None)
-            info = await self._check_disk(part, entry.format)
-            disk = stage / f"disk.{info['format']}"
-            os.rename(part, disk)
-            kernel = entry.boot == "kernel" and entry.kernel_url
-            image = Image(
-                name=entry.name, format=info["format"], path=disk,
-                virtual_size=info["virtual-size"], actual_size=info["actual-size"],
-                sha256=w.digest("sha256"), boot="kernel" if kernel else "disk",
-                kernel=stage / "vmlinuz" if kernel else None,
-                initrd=stage / "initrd.img" if kernel and entry.initrd_url else None,
-                append=(entry.append or DEFAULT_APPEND) if kernel else None,
-                description=entry.description,
-                source={"kind": "url", "location": entry.url,
-                        **({"catalog": entry.name}
-                           if self.catalog.entries.get(entry.name) is entry else {})},
-                created=_now())
-            return self._commit(stage, image)
+            async with asyncio.timeout(max(0.0, clock.remaining())):
+                return await self._download_staged(entry, sha256, progress, clock, stage)
+        except TimeoutError:
+            raise errors.ImageError(f"the pull of {entry.name} did not finish within its "
+                                    f"deadline of {clock.limits.deadline:g}s",
+                                    image=entry.name) from None
         finally:
             await self._discard(stage)
+
+    async def _download_staged(self, entry: CatalogEntry, sha256: str | None,
+                               progress: Progress | None, clock: download.Clock,
+                               stage: Path) -> Image:
+        async with self.policy.session(self.timeout) as session:
+            sums = (await download.fetch_sums(session, entry.checksum_url, clock)
+                    if entry.checksum_url else None)
+            part = stage / "disk.part"
+            w = await download.download(session, entry.url, part, download.expected(
+                entry.url, {"sha256": entry.sha256, "sha512": entry.sha512}, sums,
+                entry.checksum_url), progress, clock)
+            if sha256 and w.digest("sha256") != sha256:
+                raise errors.ImageError(f"sha256 mismatch for {entry.url}: expected "
+                                        f"{sha256}, got {w.digest('sha256')}")
+            for url, dst, hexd in ((entry.kernel_url, "vmlinuz", entry.kernel_sha256),
+                                   (entry.initrd_url, "initrd.img", entry.initrd_sha256)):
+                if url:
+                    await download.download(
+                        session, url, stage / dst,
+                        download.expected(url, {"sha256": hexd}, sums,
+                                          entry.checksum_url), None, clock)
+        info = await self._check_disk(part, entry.format)
+        await files.check_disk_file(part, info["format"])
+        for what, dst in (("kernel", "vmlinuz"), ("initrd", "initrd.img")):
+            if (stage / dst).exists():
+                with open(stage / dst, "rb") as f:
+                    files.check_content(f.fileno(), what, f"{what} of {entry.name}")
+        disk = stage / f"disk.{info['format']}"
+        os.rename(part, disk)
+        kernel = entry.boot == "kernel" and entry.kernel_url
+        image = Image(
+            name=entry.name, format=info["format"], path=disk,
+            virtual_size=info["virtual-size"], actual_size=info["actual-size"],
+            sha256=w.digest("sha256"), boot="kernel" if kernel else "disk",
+            kernel=stage / "vmlinuz" if kernel else None,
+            initrd=stage / "initrd.img" if kernel and entry.initrd_url else None,
+            append=(entry.append or DEFAULT_APPEND) if kernel else None,
+            description=entry.description,
+            source={"kind": "url", "location": entry.url,
+                    **({"catalog": entry.name}
+                       if self.catalog.entries.get(entry.name) is entry else {})},
+            created=_now())
+        return self._commit(stage, image)
+
 
     # --- built images (builder.py) ----------------------------------------------------
 
@@ -374,12 +444,13 @@ class ImageStore:
         files ``{name in the image dir: path}`` (recipe, build log) into the store;
         with ``replace`` an existing image of that name is swapped out."""
         check_image_name(name)
-        async with self._locks[name]:
+        async with self._locked(name):
             if self.exists(name) and not replace:
                 raise errors.Conflict(f"image {name!r} already exists", image=name)
             stage = self._stage()
             try:
                 info = await self._check_disk(disk, "qcow2")
+                await files.check_disk_file(disk, "qcow2")
                 os.rename(disk, stage / "disk.qcow2")
                 got = await asyncio.to_thread(sha256_file, stage / "disk.qcow2")
                 for fname, src in extra.items():
@@ -401,7 +472,7 @@ class ImageStore:
 
     async def remove(self, name: str, in_use: list[str]) -> None:
         """Delete an image no VM uses and no other image is derived from."""
-        async with self._locks[name]:
+        async with self._locked(name):
             self.get(name)
             if in_use:
                 raise errors.Conflict(f"image {name!r} is used by VM(s): "

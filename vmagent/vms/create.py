@@ -15,12 +15,14 @@ import dataclasses
 import logging
 from typing import Any
 
+from vmagent import faults
 from vmagent.context import RequestContext
 from vmagent.errors import Conflict
 from vmagent.identity import accounts as accounts_mod
 from vmagent.identity import hostkeys, seed
 from vmagent.identity.accounts import Account
 from vmagent.identity.keys import KeyRegistry
+from vmagent.images.pulls import Pulls
 from vmagent.images.store import Image, ImageStore
 from vmagent.spec import Defaults, VMSpec, apply_defaults
 from vmagent.vms.launcher import Launcher
@@ -34,13 +36,15 @@ log = logging.getLogger(__name__)
 
 class Creator:
     def __init__(self, registry: VMRegistry, provisioner: Provisioner, launcher: Launcher,
-                 images: ImageStore, defaults: Defaults, keys: KeyRegistry) -> None:
+                 images: ImageStore, defaults: Defaults, keys: KeyRegistry,
+                 pulls: Pulls) -> None:
         self.registry = registry
         self.provisioner = provisioner
         self.launcher = launcher
         self.images = images
         self.defaults = defaults
         self.keys = keys
+        self.pulls = pulls
 
     async def accounts(self, owner: str, spec: VMSpec,
                        previous: list[Account] | None = None,
@@ -66,7 +70,7 @@ class Creator:
     async def image_for(self, name: str, pull: bool) -> Image:
         if pull and not self.images.exists(name) and name in self.images.catalog:
             log.info("image %s is not in the store; pulling it", name)
-            await self.images.pull(name)
+            await self.pulls.wait(self.pulls.start(name))
         return self.images.resolve(name)
 
     def dry_run(self, spec: VMSpec, rt: Runtime, image: Image, files: dict[str, bytes],
@@ -81,9 +85,11 @@ class Creator:
         :meth:`Launcher.launch`); on failure it is removed again. The record stays
         marked ``creating`` until :meth:`done`."""
         vm = self.registry.add(rec)
+        faults.point("create.staged")
         if start:
             try:
                 await self.launcher.launch(vm, **launch)
+                faults.point("create.launched")
             except BaseException:
                 with contextlib.suppress(Exception):
                     await vm.quit()

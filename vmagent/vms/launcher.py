@@ -16,7 +16,7 @@ from vmagent.images.store import Image, ImageStore
 from vmagent.qemu import argv as qargv
 from vmagent.qemu import disks
 from vmagent.qemu.host import QemuHost
-from vmagent import rundir
+from vmagent import faults, rundir
 from vmagent.vms.registry import VMRegistry
 from vmagent.vms.state import State
 from vmagent.vms.store import VMRecord
@@ -91,7 +91,9 @@ class Launcher:
         info = await disks.qemu_img_info(disk)
         if rec.spec.disk > info["virtual-size"]:
             await disks.resize(disk, rec.spec.disk)
+        rundir.clear_runtime(vm.run_dir)      # no pidfile: qemu has not run (yet)
         self.registry.transition(vm, State.STARTING)
+        faults.point("start.starting")
         for attempt in range(LAUNCH_ATTEMPTS):
             argv = self.argv(rec, image, extra_argv)
             self.registry.store.save_argv(rec, argv)

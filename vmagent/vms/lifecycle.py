@@ -130,15 +130,20 @@ class Lifecycle:
             if vm.rec.rt.state != State.RUNNING:
                 self.registry.transition(vm, State.RUNNING, "re-adopted")
             log.info("%s: adopted running qemu pid %s", vm.name, vm.machine.pid())
+        elif vm.rec.rt.state == State.STARTING and not vm.machine.pidfile.exists():
+            # the agent stopped before qemu ran: the start did not happen
+            self.registry.transition(vm, State.STOPPED, "the start was interrupted (the "
+                                     "agent stopped before qemu ran)", started_at=None)
         elif vm.rec.rt.state in ACTIVE:
             await self.mark_gone(vm)
 
     async def mark_gone(self, vm: VM) -> None:
         """qemu is gone without the agent asking: the guest powered itself off (stopped)
         or it died (broken, with the reason)."""
+        await vm.drain_events()
         await vm.detach()
         rt = vm.rec.rt
-        if vm.panicked or rt.reason == PANICKED:
+        if vm.panicked or rt.reason == PANICKED or vm.kernel_panicked():
             new, reason = State.BROKEN, PANICKED
         elif vm.last_event == "SHUTDOWN" or vm.powered_down() or rt.state == State.STOPPING:
             new, reason = State.STOPPED, None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from vmagent import rundir
+from vmagent import faults, rundir
 from vmagent.context import RequestContext
 from vmagent.errors import BadRequest, Forbidden, VMAgentError
 from vmagent.identity import accounts as accounts_mod
@@ -129,9 +129,11 @@ class VMService:
             except OSError as e:
                 log.warning("%s: cannot record the delete (%s); removing it anyway",
                             vm.name, e)
+        faults.point("delete.marked")
         if vm.machine.alive():
             await vm.quit()
         await vm.detach()
+        faults.point("delete.stopped")
         self.registry.store.remove(vm.name)
         self.registry.discard(vm.name)
 

@@ -21,7 +21,7 @@ from typing import Any
 from vmagent import rundir
 from vmagent.errors import Conflict, QMPFailure, Timeout, VMAgentError
 from vmagent.identity import hostkeys
-from vmagent.identity.accounts import Account, account_of, from_spec
+from vmagent.identity.accounts import Account, from_spec
 from vmagent.poll import poll_until
 from vmagent.qemu import argv as qargv
 from vmagent.qemu.console import ConsoleLog
@@ -120,6 +120,12 @@ class VM:
         await mon.connect()
         self.monitor = mon
         self._events = asyncio.create_task(self._watch_events(mon))
+
+    async def drain_events(self, timeout: float = 1.0) -> None:
+        """qemu is gone: let the event task read what qemu sent before it went (its
+        stream ends at the socket's EOF), so a last GUEST_PANICKED or SHUTDOWN counts."""
+        if self._events is not None and not self._events.done():
+            await asyncio.wait([self._events], timeout=timeout)
 
     async def detach(self) -> None:
         if self._events is not None:
@@ -303,6 +309,10 @@ class VM:
         """Whether the console log ends with the guest powering itself off."""
         tail = self.console.tail(4096)
         return any(m in tail for m in _POWER_DOWN)
+
+    def kernel_panicked(self) -> bool:
+        """Whether the console log of this boot shows a kernel panic."""
+        return b"Kernel panic - not syncing" in self.console.tail(16384)
 
     async def check_ssh(self) -> bool:
         port = self.rec.rt.ssh_port
