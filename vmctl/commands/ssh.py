@@ -3,7 +3,8 @@
 ``vmctl ssh NAME [COMMAND...]`` reads its own options (``-t``, ``--print``, the global
 ``-H``/``--json``/``-q``) before ``--``, or, without ``--``, up to the first word after
 NAME that is none of them: that word starts COMMAND, and nothing from there on is read
-by vmctl (``vmctl ssh dev1 grep -q x f`` runs ``grep -q x f``).
+by vmctl (``vmctl ssh dev1 grep -q x f`` runs ``grep -q x f``). An unknown option
+before a ``--`` is an error, not the start of COMMAND.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def command_start(cmd: click.Command, ctx: click.Context, args: list[str]) -> in
                 i += 1                                # -t, -qt
                 continue
         if seen_name:
+            if word.startswith("-") and "--" in args[i:]:
+                return args.index("--", i)            # meant as ours: click refuses it
             return i                                  # a command word, or its option
         if word.startswith("-") and len(word) > 1:
             i += 1                                    # unknown before NAME: click says so
