@@ -114,3 +114,39 @@ def test_timeout_is_an_operation_parameter(tmp_path):
     client = AgentClient(Target(Address("unix", path=str(tmp_path / "none.sock"))))
     with pytest.raises(errors.Unreachable):
         client.call("shutdown", name="a", timeout=5)
+
+
+# --- under --json every failure is one JSON document -----------------------------------
+
+@pytest.mark.parametrize("args", [["--json", "list"], ["list", "--json"]])
+def test_internal_error_is_one_json_document(clean_env, monkeypatch, args):
+    def broken(self, op, **params):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr("vmctl.app.App.call", broken)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {
+        "error": "internal", "exit_code": 1,
+        "message": "internal error: ZeroDivisionError: a bug (set VMCTL_DEBUG=1 for a "
+                   "traceback)"}
+    assert result.stderr.startswith("vmctl: internal error: ZeroDivisionError: a bug")
+    assert "Traceback" not in result.stderr
+    human = CliRunner().invoke(cli, ["list"])
+    assert human.exit_code == 1 and human.stdout == "" and "a bug" in human.stderr
+
+
+@pytest.mark.parametrize("json_args", [["--json"], []])
+def test_binary_user_data_is_an_input_error(clean_env, json_args):
+    binary = clean_env / "blob.bin"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe" * 10)
+    result = CliRunner().invoke(cli, [*json_args, "create", "v1", "--user-data",
+                                      str(binary), "--host", "unix:///nonexistent.sock"])
+    assert result.exit_code == 2, result.output
+    assert f"--user-data {binary}: not UTF-8 text" in result.stderr
+    assert "byte 8 is 0xff" in result.stderr and "Traceback" not in result.stderr
+    if json_args:
+        doc = json.loads(result.stdout)
+        assert doc["error"] == "bad_request" and doc["exit_code"] == 2
+        assert "not UTF-8 text" in doc["message"]
+    else:
+        assert result.stdout == ""

@@ -103,3 +103,64 @@ def test_pin_host_keys_from_the_agents_status_without_the_console(tmp_path, monk
     alias = vmssh.host_key_alias(target, status)
     assert vmssh.known_hosts_file().read_text().splitlines() == [
         f"{alias} ssh-ed25519 AAAAC3NzaC1lZDI1", f"{alias} ecdsa-sha2-nistp256 AAAAE2Vj"]
+
+
+# --- a VM that does not answer ----------------------------------------------------------
+
+def test_ssh_options_bound_a_hung_vm(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("VMCTL_SSH_CONNECT_TIMEOUT", raising=False)
+    target = Target(Address("unix", path="/x.sock"), label="local")
+    opts = _opts(vmssh.ssh_argv(target, STATUS, None, ["true"]))
+    assert opts["ConnectTimeout"] == "20"
+    assert (opts["ServerAliveInterval"], opts["ServerAliveCountMax"]) == ("15", "4")
+    assert _opts(vmssh.ssh_argv(target, STATUS, None, ["true"], batch=True))[
+        "ConnectTimeout"] == "10"
+    monkeypatch.setenv("VMCTL_SSH_CONNECT_TIMEOUT", "3")
+    assert _opts(vmssh.ssh_argv(target, STATUS, None, None))["ConnectTimeout"] == "3"
+    assert "    ConnectTimeout 3" in vmssh.config_block(target, STATUS, None).splitlines()
+
+
+def test_vmctl_ssh_to_a_hung_vm_gives_up_and_says_why(tmp_path, monkeypatch):
+    """A hung guest: qemu's port forward accepts the connection, and no SSH banner ever
+    comes. vmctl ssh must end after ConnectTimeout, with a message that says so."""
+    import socket
+    import time
+
+    from click.testing import CliRunner
+
+    from vmctl.main import cli
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ".config"))
+    monkeypatch.setenv("VMCTL_SSH_CONNECT_TIMEOUT", "2")
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)                      # the kernel accepts; nobody ever speaks
+    status = {**STATUS, "state": "running", "ssh_port": hung.getsockname()[1]}
+    monkeypatch.setattr("vmctl.commands.ssh._running", lambda app, name: status)
+    monkeypatch.setattr("vmctl.vmssh.pin_host_keys", lambda call, target, st: True)
+    try:
+        start = time.monotonic()
+        result = CliRunner().invoke(cli, ["ssh", "dev1", "-H", "unix:///x.sock", "--",
+                                          "true"])
+        took = time.monotonic() - start
+    finally:
+        hung.close()
+    assert result.exit_code == 255, result.output
+    assert took < 15, f"took {took:.1f}s"
+    assert "vmctl: ssh to VM 'dev1' failed: no SSH answer within 2s (ConnectTimeout)" in \
+        result.stderr
+    assert "banner exchange" in result.stderr and "vmctl console dev1 --log" in \
+        result.stderr
+
+
+def test_ssh_failure_reasons():
+    from vmctl.commands.ssh import _ssh_failure
+    refused = _ssh_failure("v", "ssh: connect to host 127.0.0.1 port 2: Connection "
+                                "refused\n")
+    assert refused.exit_code == 255 and "nothing answers on the VM's SSH port" in \
+        refused.message
+    alive = _ssh_failure("v", "Timeout, server 127.0.0.1 not responding.\n")
+    assert "stopped answering for 60s" in alive.message
+    denied = _ssh_failure("v", "alice@127.0.0.1: Permission denied (publickey).\n")
+    assert "refused the login" in denied.message

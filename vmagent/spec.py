@@ -7,8 +7,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from vmagent.errors import BadRequest
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -73,6 +71,7 @@ def parse_user_data(text: str) -> dict[str, Any]:
         raise BadRequest(f"user_data: {len(text.encode())} bytes is over the limit of 64 KiB")
     if "\x00" in text:
         raise BadRequest("user_data: contains a NUL byte")
+    import yaml     # late: vmctl imports this module and most commands need no YAML
     try:
         data = yaml.safe_load(text)
     except RecursionError:

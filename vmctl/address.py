@@ -12,7 +12,6 @@ agent's socket ``/var/lib/vmagent/vmagent.sock``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ def _host_port(host: str | None, port: int | None) -> str:
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
+    import ipaddress        # late: only http:// addresses need it
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -20,7 +20,6 @@ from .address import Address, Target
 from .errors import AgentError, CLIError, Unreachable
 
 
-
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("vmagent", timeout=timeout)
@@ -35,6 +34,21 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+
+# an operation told to wait ``timeout`` seconds (shutdown, reboot, template_create) is
+# waited for that long plus this, and never less than its row's timeout
+TIMEOUT_MARGIN = 120.0
+
+
+def wait_for(op_name: str, params: dict[str, Any]) -> float:
+    """How long a client waits for an operation: its row's ``timeout`` in the table,
+    or longer when the call gives the operation a longer ``timeout`` parameter."""
+    op = ops.get(op_name)
+    asked = params.get("timeout") if "timeout" in op.params else None
+    if isinstance(asked, (int, float)) and not isinstance(asked, bool):
+        return max(op.timeout, asked + TIMEOUT_MARGIN)
+    return op.timeout
 
 
 def _query_value(value: Any) -> str:
@@ -109,7 +123,7 @@ class AgentClient:
         """Run one operation; raise :class:`AgentError` with the agent's code on failure.
         ``call_timeout`` bounds the HTTP exchange (``timeout`` is an operation parameter)."""
         method, path, body = self.request_for(op_name, params)
-        timeout = call_timeout or self.timeout or ops.get(op_name).timeout
+        timeout = call_timeout or self.timeout or wait_for(op_name, params)
         headers = self.headers()
         if body is not None:
             headers["Content-Type"] = "application/json"

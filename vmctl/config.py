@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +103,7 @@ def _expand(value: str, base: Path) -> Path:
 
 def parse(text: str, path: Path) -> Config:
     """Parse and check a config file's text (``path`` is only for messages)."""
+    import tomllib      # late: without a config file there is nothing to parse
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

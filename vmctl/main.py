@@ -1,4 +1,8 @@
-"""The ``vmctl`` command group: global options, the shared context, error handling."""
+"""The ``vmctl`` command group: the commands, ``--version``, error handling.
+
+The shared context and the global options are in :mod:`vmctl.app`; each command module
+of :mod:`vmctl.commands` holds module-level click commands, added here.
+"""
 
 from __future__ import annotations
 
@@ -9,70 +13,42 @@ from typing import Any
 
 import click
 
-from . import __version__, address, config as config_mod
-from .client import AgentClient
+from . import __version__
+from .app import App, Group
+from .commands import completion, console, create, host, image, ssh, template, vm
 from .errors import CLIError
-from .output import Output
 
 
-class App:
-    """What every command shares: options, config, the agent client, output."""
-
-    def __init__(self, host: str | None, json_mode: bool, quiet: bool) -> None:
-        self.host = host
-        self.out = Output(json_mode=json_mode, quiet=quiet)
-        self._config: config_mod.Config | None = None
-        self._client: AgentClient | None = None
-
-    @property
-    def json(self) -> bool:
-        return self.out.json_mode
-
-    @property
-    def quiet(self) -> bool:
-        return self.out.quiet
-
-    @property
-    def config(self) -> config_mod.Config:
-        if self._config is None:
-            self._config = config_mod.load()
-        return self._config
-
-    @property
-    def target(self) -> address.Target:
-        return self.client.target
-
-    @property
-    def client(self) -> AgentClient:
-        if self._client is None:
-            self._client = AgentClient(address.resolve(self.host, self.config))
-        return self._client
-
-    def call(self, op: str, **params: Any) -> dict:
-        return self.client.call(op, **params)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+def _json_asked(argv: list[str], exc: click.ClickException) -> bool:
+    """Whether ``--json`` was given: the App knows once its command line was parsed;
+    a command line that failed to parse is searched (up to ``--``, which starts an
+    ssh command)."""
+    ctx = getattr(exc, "ctx", None)
+    app = ctx.find_object(App) if ctx is not None else None
+    if app is not None and app.json:
+        return True
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
 
 
-pass_app = click.make_pass_decorator(App)
+def _internal(exc: Exception) -> CLIError:
+    return CLIError(f"internal error: {exc.__class__.__name__}: {exc} "
+                    "(set VMCTL_DEBUG=1 for a traceback)", "internal")
 
 
-class VmctlGroup(click.Group):
-    """Prints ``--json`` error documents and turns unexpected failures into one line."""
+class VmctlGroup(Group):
+    """Under ``--json`` every failure prints one JSON document (usage errors, agent
+    errors, vmctl's own, internal errors); unexpected failures are one line."""
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
-        """Like click's, but a usage error under ``--json`` also prints a JSON document."""
         argv = list(sys.argv[1:] if args is None else args)
         if not standalone_mode:
             return super().main(argv, prog_name, complete_var, False, **extra)
         try:
             rv = super().main(argv, prog_name, complete_var, False, **extra)
         except click.exceptions.UsageError as exc:
-            if "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv:
+            if _json_asked(argv, exc):
                 click.echo(json.dumps({"error": "usage", "message": exc.format_message(),
                                        "exit_code": exc.exit_code}, indent=2,
                                       sort_keys=True))
@@ -88,22 +64,23 @@ class VmctlGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
-        except CLIError as exc:
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.ClickException, click.Abort,
+                    KeyboardInterrupt):
+                raise
+            except Exception as exc:   # a bug: one line, unless VMCTL_DEBUG asks for more
+                if os.environ.get("VMCTL_DEBUG"):
+                    raise
+                raise _internal(exc) from None
+        except CLIError as exc:        # vmctl's, the agent's, or the internal one above
             app = ctx.find_object(App)
             if app is not None and app.json:
                 app.out.json(exc.to_json())
             raise
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
         except KeyboardInterrupt:
             click.echo("vmctl: interrupted", err=True)
             ctx.exit(130)
-        except Exception as exc:   # a bug: one line, unless VMCTL_DEBUG asks for more
-            if os.environ.get("VMCTL_DEBUG"):
-                raise
-            raise CLIError(f"internal error: {exc.__class__.__name__}: {exc} "
-                           "(set VMCTL_DEBUG=1 for a traceback)", "internal") from None
         finally:
             app = ctx.find_object(App)
             if app is not None:
@@ -111,35 +88,26 @@ class VmctlGroup(click.Group):
 
 
 @click.group(cls=VmctlGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--host", "-H", metavar="HOST", envvar=None,
-              help="Agent to use: a [hosts.NAME] of the config file or an address "
-                   "(unix:///path, http://host:port, ssh://user@host). Default: "
-                   "$VMCTL_AGENT, then the config's default_host, then the local agent.")
-@click.option("--json", "json_mode", is_flag=True,
-              help="Print one JSON document on stdout (errors too).")
-@click.option("--quiet", "-q", is_flag=True, help="Print only what a script needs.")
 @click.version_option(__version__, "--version", "-V", prog_name="vmctl",
                       message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, host: str | None, json_mode: bool, quiet: bool) -> None:
+def cli(ctx: click.Context) -> None:
     """Create and manage QEMU development VMs through vmagent.
+
+    --host/-H, --json and --quiet/-q go before or after any command
+    (vmctl --json list, vmctl list --json).
 
     \b
     Exit codes: 0 ok, 1 error, 2 usage / invalid input, 3 not found,
     4 conflict or wrong state, 5 timeout, 6 agent unreachable, 7 qemu failure,
     8 unauthorized.
     """
-    ctx.obj = App(host, json_mode, quiet)
+    ctx.ensure_object(App)
 
 
-def _register() -> None:
-    from .commands import completion, console, host, image, ssh, vm, create
-    from .commands import template
-    for module in (create, vm, ssh, console, image, host, completion, template):
-        module.register(cli)
-
-
-_register()
+for _module in (create, vm, ssh, console, image, host, template, completion):
+    for _command in _module.COMMANDS:
+        cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

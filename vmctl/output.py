@@ -1,16 +1,22 @@
-"""Printing: one JSON document with ``--json``, rich tables and lines otherwise."""
+"""Printing: one JSON document with ``--json``, rich tables and lines otherwise.
+
+rich is imported when something is drawn for people (it costs more to import than the
+rest of vmctl), never for ``--json`` or ``--quiet``.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from vmagent.spec import format_size
+
+if TYPE_CHECKING:                      # pragma: no cover
+    from rich.console import Console
+    from rich.table import Table
 
 STATE_STYLE = {"running": "green", "stopped": "dim", "broken": "bold red",
                "creating": "yellow", "starting": "yellow", "stopping": "yellow",
@@ -25,10 +31,12 @@ class Output:
     @property
     def console(self) -> Console:
         # built per use: click's CliRunner swaps sys.stdout for each invocation
+        from rich.console import Console
         return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
     @property
     def err_console(self) -> Console:
+        from rich.console import Console
         return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
     def json(self, doc: Any) -> None:
@@ -87,6 +95,7 @@ def readiness(status: dict) -> str:
 
 
 def vm_table(vms: Iterable[dict]) -> Table:
+    from rich.table import Table
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "STATE", "READY", "IMAGE", "CPUS", "MEMORY", "DISK", "SSH"):
         table.add_column(col)
@@ -103,6 +112,7 @@ def vm_table(vms: Iterable[dict]) -> Table:
 def vm_details(vm: dict) -> Table:
     spec = vm.get("spec") or {}
     boot = vm.get("boot") or {}
+    from rich.table import Table
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
@@ -134,6 +144,7 @@ def _yes(value: Any) -> str | None:
 
 
 def image_table(images: Iterable[dict], catalog: Iterable[dict]) -> Table:
+    from rich.table import Table
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "STATUS", "FORMAT", "SIZE", "BOOT", "DESCRIPTION"):
         table.add_column(col)

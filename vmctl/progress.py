@@ -1,12 +1,16 @@
 """Waiting for a VM to come up, with a live display of the boot phases.
 
-Milestones: image ready, disk, seed, qemu started (done when ``create`` returns), kernel
-booting (``status.boot.kernel``), cloud-init running (``status.cloud_init``), SSH ready
-(``status.ssh_ready``, cloud-init no longer running, and then a real ``ssh ... true``
-logs in). Each shows the elapsed
+Each phase is named by what it waits for and is marked done when that has happened:
+image ready, disk created, seed written, qemu started (all four when ``create``
+returns), kernel started (``status.boot.kernel``: the kernel printed its banner), SSH
+answers (``status.ssh_ready``: the agent got sshd's banner), cloud-init finished
+(``status.cloud_init`` is ``done``; cloud-init restarts sshd while it configures the
+guest, so a login before that may break a moment later), SSH login works (a real
+``ssh ... true``; only when the caller checks logins). A guest whose console shows no
+cloud-init at all has that phase marked "not seen" instead. Each phase shows the elapsed
 time at which it was reached; while waiting, the last console line is shown so a slow
 boot is never silent. On a terminal the display is a rich Live on stderr; otherwise one
-line per milestone on stderr; nothing with ``--quiet``.
+line per phase on stderr; nothing with ``--quiet``.
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ from rich.text import Text
 from .errors import CLIError, WaitTimeout
 from .live import LiveDisplay, last_line
 
-PHASES = (("image", "image ready"), ("disk", "disk"), ("seed", "seed"),
-          ("qemu", "qemu started"), ("kernel", "kernel booting"),
-          ("cloud_init", "cloud-init running"), ("ssh", "SSH ready"))
+PHASES = (("image", "image ready"), ("disk", "disk created"), ("seed", "seed written"),
+          ("qemu", "qemu started"), ("kernel", "kernel started"), ("ssh", "SSH answers"),
+          ("cloud_init", "cloud-init finished"), ("login", "SSH login works"))
 CREATE_PHASES = ("image", "disk", "seed", "qemu")
+CLOUD_INIT_FINISHED = ("done", "error")
 
 
 class Progress(LiveDisplay):
     def __init__(self, name: str, *, enabled: bool = True, live: bool | None = None,
-                 start: float | None = None) -> None:
+                 start: float | None = None, login: bool = True) -> None:
         self.name = name
         self.t0 = start if start is not None else time.monotonic()
+        self.phases = tuple(p for p in PHASES if login or p[0] != "login")
         self.reached: dict[str, float] = {}
+        self.skipped: dict[str, str] = {}      # phases that cannot happen, and why
         self.last_line = ""
         self.note = ""
         super().__init__(enabled=enabled, live=live)
@@ -41,15 +48,35 @@ class Progress(LiveDisplay):
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def label(self, key: str) -> str:
+        return dict(PHASES)[key]
+
     def reach(self, *keys: str) -> None:
+        """Mark phases done (now), once each; phases this display does not show are
+        ignored."""
+        shown = dict(self.phases)
         for key in keys:
-            if key in self.reached:
+            if key in self.reached or key in self.skipped or key not in shown:
                 continue
             self.reached[key] = self.elapsed()
             if self.enabled and not self.live_mode:
-                label = dict(PHASES)[key]
-                self.console.print(f"{self.name}: {label:<20} {self.reached[key]:6.1f}s")
+                self.console.print(f"{self.name}: {shown[key]:<20} "
+                                   f"{self.reached[key]:6.1f}s")
         self.refresh()
+
+    def skip(self, key: str, why: str) -> None:
+        """Mark a phase that will not happen (no cloud-init on this guest)."""
+        if key in self.reached or key in self.skipped:
+            return
+        self.skipped[key] = why
+        if self.enabled and not self.live_mode:
+            self.console.print(f"{self.name}: {self.label(key):<20}      - ({why})")
+        self.refresh()
+
+    def waiting_for(self) -> str | None:
+        """The label of the first phase neither reached nor skipped."""
+        return next((label for key, label in self.phases
+                     if key not in self.reached and key not in self.skipped), None)
 
     def console_line(self, text: str) -> None:
         line = last_line(text)
@@ -67,9 +94,11 @@ class Progress(LiveDisplay):
         table.add_column()
         table.add_column(justify="right")
         pending_shown = False
-        for key, label in PHASES:
+        for key, label in self.phases:
             if key in self.reached:
                 table.add_row("[green]✓[/]", label, f"{self.reached[key]:.1f}s")
+            elif key in self.skipped:
+                table.add_row("[dim]-[/]", f"[dim]{label} ({self.skipped[key]})[/]", "")
             elif not pending_shown and not final:
                 pending_shown = True
                 table.add_row(Spinner("dots"), f"[bold]{label}[/]", f"{self.elapsed():.1f}s")
@@ -86,8 +115,9 @@ class Progress(LiveDisplay):
 def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
                timeout: float, login: Callable[[dict], tuple[bool, str]] | None,
                poll: float = 1.0) -> dict:
-    """Poll ``status`` (and the console log) until the VM is ready: SSH answers and, if
-    ``login`` is given, a real login works. Returns the last status."""
+    """Poll ``status`` (and the console log) until the VM is ready: SSH answers,
+    cloud-init finished (or is not seen at all, for images without it) and, if ``login``
+    is given, a real login works. Returns the last status."""
     deadline = time.monotonic() + timeout
     offset: int | None = None
     last_login = ""
@@ -103,11 +133,15 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
                            "conflict")
         if state == "running":
             progress.reach(*CREATE_PHASES)
-        boot = status.get("boot") or {}
-        if boot.get("kernel"):
+        cloud_init = status.get("cloud_init")
+        # each of these implies the kernel started, even if its banner was not seen
+        if (status.get("boot") or {}).get("kernel") or status.get("ssh_ready") or \
+                cloud_init is not None:
             progress.reach("kernel")
-        if status.get("cloud_init") in ("running", "done", "error"):
-            progress.reach("kernel", "cloud_init")
+        if status.get("ssh_ready"):
+            progress.reach("ssh")
+        if cloud_init in CLOUD_INIT_FINISHED:
+            progress.reach("cloud_init")
         try:
             if offset is None:
                 log = call("console_log", name=name, tail=4096)
@@ -117,30 +151,32 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
             progress.console_line(log.get("data") or "")
         except CLIError:
             pass
-        # cloud-init restarts sshd while it configures the guest (e.g. ssh_pwauth): a
-        # login that works while it runs may fail a moment later, so ready means SSH
-        # answers *and* cloud-init finished (or is not seen at all, for images without it)
-        settling = status.get("cloud_init") == "running"
+        settling = cloud_init == "running"
         if status.get("ssh_ready") and settling:
-            progress.set_note("SSH answers; cloud-init is still running")
+            progress.set_note("waiting for cloud-init to finish (it restarts sshd)")
         elif status.get("ssh_ready"):
             if login is None:
-                progress.reach("kernel", "ssh")
+                _no_cloud_init(progress, cloud_init)
                 return status
             if time.monotonic() >= next_login:
                 progress.set_note("logging in...")
                 ok, last_login = login(status)
                 if ok:
                     progress.set_note("")
-                    progress.reach("kernel", "cloud_init", "ssh")
+                    _no_cloud_init(progress, cloud_init)
+                    progress.reach("login")
                     return status
                 next_login = time.monotonic() + 2.0
         if time.monotonic() >= deadline:
-            missing = [label for key, label in PHASES if key not in progress.reached]
             detail = f"; last ssh error: {last_login}" if last_login else ""
             if settling:
-                detail += "; cloud-init is still running"
+                detail += "; SSH answers, cloud-init is still running"
             raise WaitTimeout(f"VM {name!r} was not ready within {timeout:g}s (waiting for: "
-                              f"{missing[0] if missing else 'SSH'}){detail}")
+                              f"{progress.waiting_for() or 'SSH'}){detail}")
         # once SSH answers, the end of cloud-init is a matter of seconds: look more often
         time.sleep(min(poll, 0.5) if status.get("ssh_ready") else poll)
+
+
+def _no_cloud_init(progress: Progress, cloud_init: str | None) -> None:
+    if cloud_init is None:
+        progress.skip("cloud_init", "not seen on the console")

@@ -20,15 +20,40 @@ verified; trust on first use remains only for images that do not print their key
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
-from typing import Any, Callable
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from . import config as config_mod, keys
 from .address import Target
+from .errors import ConfigError
+
+# Bounds on a VM that does not answer (a hung or overloaded guest): ssh gives up when the
+# TCP connect *and the SSH banner* take longer than ConnectTimeout (qemu's port forward
+# accepts at once, so it is the banner that never comes), and drops a session whose VM
+# has said nothing for ServerAliveInterval x ServerAliveCountMax seconds.
+CONNECT_TIMEOUT = 20.0          # $VMCTL_SSH_CONNECT_TIMEOUT overrides it
+LOGIN_CONNECT_TIMEOUT = 10.0    # the readiness login of create/wait, retried every 2 s
+SERVER_ALIVE_INTERVAL = 15
+SERVER_ALIVE_COUNT = 4
+
+
+def connect_timeout() -> float:
+    value = os.environ.get("VMCTL_SSH_CONNECT_TIMEOUT")
+    if not value:
+        return CONNECT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"VMCTL_SSH_CONNECT_TIMEOUT={value!r}: give seconds, from 1 "
+                          "to 3600")
+    return seconds
 
 
 def known_hosts_file() -> Path:
@@ -56,6 +81,9 @@ def ssh_options(target: Target, status: dict, cfg: config_mod.Config | None) -> 
         "UserKnownHostsFile": str(known),
         "StrictHostKeyChecking": "accept-new",
         "LogLevel": "ERROR",
+        "ConnectTimeout": f"{connect_timeout():g}",
+        "ServerAliveInterval": str(SERVER_ALIVE_INTERVAL),
+        "ServerAliveCountMax": str(SERVER_ALIVE_COUNT),
     }
     if target.address.is_local:
         opts["HostName"] = status.get("ssh_host") or "127.0.0.1"
@@ -73,15 +101,18 @@ def ssh_argv(target: Target, status: dict, cfg: config_mod.Config | None,
              command: list[str] | None = None, *, batch: bool = False,
              tty: bool | None = None, identities: tuple[Path, ...] = ()) -> list[str]:
     opts = ssh_options(target, status, cfg)
+    if batch:
+        opts["ConnectTimeout"] = f"{min(connect_timeout(), LOGIN_CONNECT_TIMEOUT):g}"
     argv = ["ssh"]
     for key in ("User", "Port", "HostKeyAlias", "UserKnownHostsFile",
-                "StrictHostKeyChecking", "LogLevel", "ProxyCommand"):
+                "StrictHostKeyChecking", "LogLevel", "ConnectTimeout", "ServerAliveInterval",
+                "ServerAliveCountMax", "ProxyCommand"):
         if key in opts:
             argv += ["-o", f"{key}={opts[key]}"]
     for identity in (*identities, *keys.identity_files(cfg)):
         argv += ["-i", str(identity)]
     if batch:
-        argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        argv += ["-o", "BatchMode=yes"]
     if tty is True:
         argv.append("-t")
     elif tty is False:
@@ -95,7 +126,8 @@ def config_block(target: Target, status: dict, cfg: config_mod.Config | None,
     opts = ssh_options(target, status, cfg)
     lines = [f"Host {alias or status['name']}"]
     for key in ("HostName", "Port", "User", "IdentityFile", "HostKeyAlias",
-                "UserKnownHostsFile", "StrictHostKeyChecking", "LogLevel", "ProxyCommand"):
+                "UserKnownHostsFile", "StrictHostKeyChecking", "LogLevel", "ConnectTimeout",
+                "ServerAliveInterval", "ServerAliveCountMax", "ProxyCommand"):
         if key in opts:
             value = opts[key]
             lines.append(f"    {key} {value}")

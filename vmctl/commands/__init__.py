@@ -1,1 +1,2 @@
-"""vmctl's commands, one module per noun; each has ``register(cli)``."""
+"""vmctl's commands, one module per noun; each lists its click commands in ``COMMANDS``
+(added to the ``vmctl`` group by :mod:`vmctl.main`)."""

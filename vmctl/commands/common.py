@@ -1,4 +1,5 @@
-"""Helpers shared by the command modules: validation, completion, confirmation."""
+"""Helpers shared by the command modules: validation, completion, confirmation, input
+files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import click
 from vmagent.errors import VMAgentError
 from vmagent.spec import check_image_name, check_name, parse_size
 
+from ..app import App
 from ..errors import CLIError
+
+COMPLETION_TIMEOUT = 2.0      # a shell waiting for names: better none than a hang
 
 
 def checked(fn: Callable[..., Any], *args: Any) -> Any:
@@ -36,14 +40,13 @@ def size_arg(value: str | None, what: str) -> str | None:
     return value
 
 
-def _complete(ctx: click.Context, op: str, key: str, field: str,
-              incomplete: str) -> list[str]:
+def complete_names(ctx: click.Context, op: str, key: str, field: str,
+                   incomplete: str) -> list[str]:
     """Names from the agent for shell completion; silent (no names) on any failure."""
-    from ..main import App
-    root = ctx.find_root()
-    app = App(root.params.get("host"), False, True)
+    given = ctx.find_object(App)
+    app = App(given.host if given is not None else None, quiet=True)
     try:
-        app.client.timeout = 2.0
+        app.client.timeout = COMPLETION_TIMEOUT
         doc = app.call(op)
         return sorted(x[field] for x in doc.get(key, []) if x.get(field, "").startswith(
             incomplete))
@@ -54,11 +57,11 @@ def _complete(ctx: click.Context, op: str, key: str, field: str,
 
 
 def complete_vm(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    return _complete(ctx, "list", "vms", "name", incomplete)
+    return complete_names(ctx, "list", "vms", "name", incomplete)
 
 
 def complete_image(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    return _complete(ctx, "image_list", "images", "name", incomplete)
+    return complete_names(ctx, "image_list", "images", "name", incomplete)
 
 
 def name_argument(fn: Callable) -> Callable:
@@ -73,3 +76,19 @@ def confirm(question: str, yes: bool) -> None:
                        "bad_request")
     if not click.confirm(question, default=False, err=True):
         raise CLIError("cancelled", "conflict", exit_code=1)
+
+
+def text_file(stream: Any, option: str) -> str | None:
+    """The text of a file option opened in binary mode (``click.File("rb")``): UTF-8, or
+    a usage error naming the option and the file (exit 2), never a traceback."""
+    if stream is None:
+        return None
+    data = stream.read()
+    name = getattr(stream, "name", "-")
+    name = "stdin" if name in ("-", "<stdin>") else name
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{option} {name}: not UTF-8 text (byte {exc.start} is "
+                       f"{data[exc.start]:#04x}; is it a binary file?)",
+                       "bad_request") from None

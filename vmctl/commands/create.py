@@ -9,12 +9,10 @@ import click
 
 from vmagent.spec import SEGMENTS
 
-from .. import keys
+from ..app import App, command, pass_app
 from ..errors import CLIError
-from ..main import App, pass_app
-from ..progress import CREATE_PHASES, Progress, wait_ready
-from ..vmssh import try_login
-from .common import checked, complete_image, image_name, name_argument, size_arg, vm_name
+from .common import (checked, complete_image, image_name, name_argument, size_arg,
+                     text_file, vm_name)
 
 
 def spec_options(fn: Callable) -> Callable:
@@ -31,7 +29,7 @@ def spec_options(fn: Callable) -> Callable:
                      type=click.Path(dir_okay=False),
                      help="Public key to put into the VM (repeatable). Default: the "
                           "config's ssh_key, ~/.ssh/id_*.pub, or a key vmctl generates."),
-        click.option("--user-data", type=click.File("r"), metavar="FILE",
+        click.option("--user-data", type=click.File("rb"), metavar="FILE",
                      help="Extra cloud-config (YAML) merged into the generated one "
                           "('-' reads stdin)."),
         click.option("--admin", "admins", multiple=True, metavar="USER",
@@ -52,6 +50,7 @@ def spec_options(fn: Callable) -> Callable:
 
 def spec_params(app: App, kw: dict[str, Any], *, default_key: bool) -> dict[str, Any]:
     """Request fields from the options (validated here where it is cheap to)."""
+    from .. import keys
     params: dict[str, Any] = {}
     if kw.get("image"):
         params["image"] = image_name(kw["image"])
@@ -66,7 +65,7 @@ def spec_params(app: App, kw: dict[str, Any], *, default_key: bool) -> dict[str,
     if kw.get("admins"):
         params["admins"] = list(kw["admins"])
     if kw.get("user_data") is not None:
-        params["user_data"] = kw["user_data"].read()
+        params["user_data"] = text_file(kw["user_data"], "--user-data")
     if kw.get("ssh_keys"):
         params["ssh_keys"] = [keys.from_file(k).public_text() for k in kw["ssh_keys"]]
     elif default_key:
@@ -93,58 +92,59 @@ def _print_dry_run(app: App, doc: dict) -> None:
     click.echo("\n".join(out))
 
 
-def register(cli: click.Group) -> None:
-    @cli.command()
-    @name_argument
-    @spec_options
-    @click.option("--host", "-H", "cmd_host", metavar="HOST",
-                  help="Agent to create the VM on (same as the global --host).")
-    @click.option("--template", "-t", "template", metavar="TEMPLATE",
-                  help="Warm-start from a template's saved state (vmctl template list): "
-                       "ready in seconds; cpus, memory, disk and image are the template's.")
-    @click.option("--dry-run", is_flag=True,
-                  help="Print the qemu command line and the seed files; start nothing.")
-    @click.option("--start/--no-start", default=True, help="Start the VM (default: yes).")
-    @click.option("--wait/--no-wait", default=True,
-                  help="Wait until SSH logs in (default: wait).")
-    @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
-                  help="Seconds to wait for SSH.")
-    @pass_app
-    def create(app: App, name: str, cmd_host: str | None, template: str | None,
-               dry_run: bool, start: bool, wait: bool, timeout: float, **kw: Any) -> None:
-        """Create a VM and (by default) wait until you can SSH into it."""
-        name = vm_name(name)
-        if cmd_host:
-            app.host = cmd_host
-        params = spec_params(app, kw, default_key=True)
-        if template:
-            params["template"] = vm_name(template)
-        elif "image" not in params and app.config.default_image:
-            params["image"] = checked(image_name, app.config.default_image)
-        if dry_run:
-            doc = app.call("create", name=name, dry_run=True, **params)
-            app.out.emit(doc, lambda: _print_dry_run(app, doc),
-                         quiet=shlex.join(doc.get("argv") or []))
-            return
-        # the private halves of --ssh-key keys log in while waiting
-        given = tuple(p.private for p in (keys.from_file(k) for k in kw.get("ssh_keys") or ())
-                      if p.private is not None)
-        progress = Progress(name, enabled=not app.quiet)
-        with progress:
-            status = app.call("create", name=name, start=start, **params)
-            if start:
-                progress.reach(*CREATE_PHASES)
-            if start and wait:
-                try:
-                    status = wait_ready(
-                        app.call, name, progress, timeout=timeout,
-                        login=lambda st: try_login(app.target, st, app.config,
-                                                   call=app.call, identities=given))
-                except CLIError as exc:
-                    if exc.code == "timeout":
-                        exc.message += (f"; the VM is still there: see 'vmctl console {name} "
-                                        f"--log', or 'vmctl delete {name}'")
-                    raise
-        human = (f"VM [bold]{name}[/] is ready: [bold]vmctl ssh {name}[/]" if start and wait
-                 else f"VM [bold]{name}[/] created ({status.get('state')})")
-        app.out.emit(status, human, quiet=name)
+@command()
+@name_argument
+@spec_options
+@click.option("--template", "-t", "template", metavar="TEMPLATE",
+              help="Warm-start from a template's saved state (vmctl template list): "
+                   "ready in seconds; cpus, memory, disk and image are the template's.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the qemu command line and the seed files; start nothing.")
+@click.option("--start/--no-start", default=True, help="Start the VM (default: yes).")
+@click.option("--wait/--no-wait", default=True,
+              help="Wait until SSH logs in (default: wait).")
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
+              help="Seconds to wait for SSH.")
+@pass_app
+def create(app: App, name: str, template: str | None, dry_run: bool, start: bool,
+           wait: bool, timeout: float, **kw: Any) -> None:
+    """Create a VM and (by default) wait until you can SSH into it."""
+    name = vm_name(name)
+    params = spec_params(app, kw, default_key=True)
+    if template:
+        params["template"] = vm_name(template)
+    elif "image" not in params and app.config.default_image:
+        params["image"] = checked(image_name, app.config.default_image)
+    if dry_run:
+        doc = app.call("create", name=name, dry_run=True, **params)
+        app.out.emit(doc, lambda: _print_dry_run(app, doc),
+                     quiet=shlex.join(doc.get("argv") or []))
+        return
+    from .. import keys
+    from ..progress import CREATE_PHASES, Progress, wait_ready
+    from ..vmssh import try_login
+    # the private halves of --ssh-key keys log in while waiting
+    given = tuple(p.private for p in (keys.from_file(k) for k in kw.get("ssh_keys") or ())
+                  if p.private is not None)
+    progress = Progress(name, enabled=not app.quiet, login=start and wait)
+    with progress:
+        status = app.call("create", name=name, start=start, **params)
+        if start:
+            progress.reach(*CREATE_PHASES)
+        if start and wait:
+            try:
+                status = wait_ready(
+                    app.call, name, progress, timeout=timeout,
+                    login=lambda st: try_login(app.target, st, app.config,
+                                               call=app.call, identities=given))
+            except CLIError as exc:
+                if exc.code == "timeout":
+                    exc.message += (f"; the VM is still there: see 'vmctl console {name} "
+                                    f"--log', or 'vmctl delete {name}'")
+                raise
+    human = (f"VM [bold]{name}[/] is ready: [bold]vmctl ssh {name}[/]" if start and wait
+             else f"VM [bold]{name}[/] created ({status.get('state')})")
+    app.out.emit(status, human, quiet=name)
+
+
+COMMANDS = (create,)

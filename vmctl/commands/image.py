@@ -7,9 +7,8 @@ import os
 import click
 
 from .. import output
-from ..buildprogress import BuildProgress, follow
+from ..app import App, group, pass_app
 from ..errors import CLIError
-from ..main import App, pass_app
 from .common import complete_image, confirm, image_name
 
 
@@ -31,91 +30,101 @@ def _agent_path(app: App, path: str | None, what: str) -> str | None:
     return path
 
 
-def register(cli: click.Group) -> None:
-    @cli.group()
-    def image() -> None:
-        """Images: list, import, pull, build, remove."""
+@group()
+def image() -> None:
+    """Images: list, import, pull, build, remove."""
 
-    @image.command("list")
-    @pass_app
-    def list_(app: App) -> None:
-        """Images in the agent's store and in its catalog (pullable)."""
-        doc = app.call("image_list")
-        app.out.emit(doc, output.image_table(doc.get("images", []), doc.get("catalog", [])),
-                     quiet="\n".join(i["name"] for i in doc.get("images", [])) or None)
 
-    @image.command("import")
-    @click.argument("file")
-    @click.option("--name", "-n", required=True, help="Name of the image in the store.")
-    @click.option("--kernel", metavar="FILE", help="Boot this kernel directly.")
-    @click.option("--initrd", metavar="FILE", help="Initrd for --kernel.")
-    @click.option("--append", metavar="ARGS", help="Kernel command line for --kernel.")
-    @click.option("--sha256", metavar="HEX", help="Expected SHA-256 of FILE.")
-    @click.option("--description", metavar="TEXT")
-    @pass_app
-    def import_(app: App, file: str, name: str, kernel: str | None, initrd: str | None,
-                append: str | None, sha256: str | None, description: str | None) -> None:
-        """Import a qcow2/raw disk FILE (a path on the agent's host) into the store."""
-        if initrd and not kernel:
-            raise click.UsageError("--initrd needs --kernel")
-        if append and not kernel:
-            raise click.UsageError("--append needs --kernel")
-        doc = app.call("image_import", image=image_name(name),
-                       path=_agent_path(app, file, "FILE"),
-                       kernel=_agent_path(app, kernel, "--kernel"),
-                       initrd=_agent_path(app, initrd, "--initrd"), append=append,
-                       sha256=sha256, description=description)
-        app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
+@image.command("list")
+@pass_app
+def list_(app: App) -> None:
+    """Images in the agent's store and in its catalog (pullable)."""
+    doc = app.call("image_list")
+    images = doc.get("images", [])
+    app.out.emit(doc, lambda: app.out.console.print(
+        output.image_table(images, doc.get("catalog", []))),
+        quiet="\n".join(i["name"] for i in images) or None)
 
-    @image.command()
-    @click.argument("name", shell_complete=complete_image)
-    @click.option("--url", help="Download from this URL instead of the catalog.")
-    @click.option("--sha256", metavar="HEX", help="Expected SHA-256 (required with --url).")
-    @pass_app
-    def pull(app: App, name: str, url: str | None, sha256: str | None) -> None:
-        """Download a catalog image (or --url) into the store, verifying its digest."""
-        if url and not sha256:
-            raise click.UsageError("--url needs --sha256")
-        app.out.info(f"pulling {name} (this can take a while)...")
-        doc = app.call("image_pull", image=image_name(name), url=url, sha256=sha256)
-        app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
 
-    @image.command()
-    @click.argument("name", shell_complete=complete_image)
-    @click.option("--replace", is_flag=True,
-                  help="Replace the image if it is in the store (refused while VMs use it).")
-    @click.option("--wait/--no-wait", default=True,
-                  help="Follow the build until it ends (default), or return once it runs.")
-    @click.option("--timeout", type=click.FloatRange(1), default=7200, show_default=True,
-                  help="Seconds to follow the build.")
-    @pass_app
-    def build(app: App, name: str, replace: bool, wait: bool, timeout: float) -> None:
-        """Build an image from its catalog recipe on the agent's host.
+@image.command("import")
+@click.argument("file")
+@click.option("--name", "-n", required=True, help="Name of the image in the store.")
+@click.option("--kernel", metavar="FILE", help="Boot this kernel directly.")
+@click.option("--initrd", metavar="FILE", help="Initrd for --kernel.")
+@click.option("--append", metavar="ARGS", help="Kernel command line for --kernel.")
+@click.option("--sha256", metavar="HEX", help="Expected SHA-256 of FILE.")
+@click.option("--description", metavar="TEXT")
+@pass_app
+def import_(app: App, file: str, name: str, kernel: str | None, initrd: str | None,
+            append: str | None, sha256: str | None, description: str | None) -> None:
+    """Import a qcow2/raw disk FILE (a path on the agent's host) into the store."""
+    if initrd and not kernel:
+        raise click.UsageError("--initrd needs --kernel")
+    if append and not kernel:
+        raise click.UsageError("--append needs --kernel")
+    doc = app.call("image_import", image=image_name(name),
+                   path=_agent_path(app, file, "FILE"),
+                   kernel=_agent_path(app, kernel, "--kernel"),
+                   initrd=_agent_path(app, initrd, "--initrd"), append=append,
+                   sha256=sha256, description=description)
+    app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
 
-        debootstrap from the distribution's package mirror, a partitioned disk with
-        GRUB, compressed qcow2, into the store. Takes minutes; shows the steps live.
-        Running it again while the build runs follows that build.
-        """
-        name = image_name(name)
-        doc = app.call("image_build", image=name, replace=replace or None)
-        if wait:
-            with BuildProgress(name, enabled=not app.quiet) as progress:
-                doc = follow(app.call, name, progress, timeout=timeout)
-        res = doc.get("result") or {}
-        human = (f"image [bold]{name}[/] built in {doc.get('seconds', 0):.0f}s: "
-                 f"{output.human_size(res.get('actual_size'))} qcow2, "
-                 f"{output.size(res.get('virtual_size'))} disk, sha256 {res.get('sha256')}"
-                 if doc.get("state") == "done" else
-                 f"building image {name} (step {doc.get('step')}); follow it with "
-                 f"'vmctl image build {name}'")
-        app.out.emit(doc, human, quiet=name)
 
-    @image.command("rm")
-    @click.argument("name", shell_complete=complete_image)
-    @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
-    @pass_app
-    def rm(app: App, name: str, yes: bool) -> None:
-        """Remove an image that no VM uses."""
-        confirm(f"Remove image {name!r}?", yes)
-        doc = app.call("image_remove", image=image_name(name))
-        app.out.emit(doc, f"removed image {name}")
+@image.command()
+@click.argument("name", shell_complete=complete_image)
+@click.option("--url", help="Download from this URL instead of the catalog.")
+@click.option("--sha256", metavar="HEX", help="Expected SHA-256 (required with --url).")
+@pass_app
+def pull(app: App, name: str, url: str | None, sha256: str | None) -> None:
+    """Download a catalog image (or --url) into the store, verifying its digest."""
+    if url and not sha256:
+        raise click.UsageError("--url needs --sha256")
+    app.out.info(f"pulling {name} (this can take a while)...")
+    doc = app.call("image_pull", image=image_name(name), url=url, sha256=sha256)
+    app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
+
+
+@image.command()
+@click.argument("name", shell_complete=complete_image)
+@click.option("--replace", is_flag=True,
+              help="Replace the image if it is in the store (refused while VMs use it).")
+@click.option("--wait/--no-wait", default=True,
+              help="Follow the build until it ends (default), or return once it runs.")
+@click.option("--timeout", type=click.FloatRange(1), default=7200, show_default=True,
+              help="Seconds to follow the build.")
+@pass_app
+def build(app: App, name: str, replace: bool, wait: bool, timeout: float) -> None:
+    """Build an image from its catalog recipe on the agent's host.
+
+    debootstrap from the distribution's package mirror, a partitioned disk with
+    GRUB, compressed qcow2, into the store. Takes minutes; shows the steps live.
+    Running it again while the build runs follows that build.
+    """
+    name = image_name(name)
+    doc = app.call("image_build", image=name, replace=replace or None)
+    if wait:
+        from ..buildprogress import BuildProgress, follow
+        with BuildProgress(name, enabled=not app.quiet) as progress:
+            doc = follow(app.call, name, progress, timeout=timeout)
+    res = doc.get("result") or {}
+    human = (f"image [bold]{name}[/] built in {doc.get('seconds', 0):.0f}s: "
+             f"{output.human_size(res.get('actual_size'))} qcow2, "
+             f"{output.size(res.get('virtual_size'))} disk, sha256 {res.get('sha256')}"
+             if doc.get("state") == "done" else
+             f"building image {name} (step {doc.get('step')}); follow it with "
+             f"'vmctl image build {name}'")
+    app.out.emit(doc, human, quiet=name)
+
+
+@image.command("rm")
+@click.argument("name", shell_complete=complete_image)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@pass_app
+def rm(app: App, name: str, yes: bool) -> None:
+    """Remove an image that no VM uses."""
+    confirm(f"Remove image {name!r}?", yes)
+    doc = app.call("image_remove", image=image_name(name))
+    app.out.emit(doc, f"removed image {name}")
+
+
+COMMANDS = (image,)

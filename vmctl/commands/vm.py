@@ -6,11 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.table import Table
 
-from .. import output, vmssh
-from ..main import App, pass_app
-from ..progress import Progress, wait_ready
+from .. import output
+from ..app import App, Command, command, pass_app
 from .common import confirm, name_argument, vm_name
 from .create import spec_options, spec_params
 
@@ -20,15 +18,15 @@ def _state_line(status: dict) -> str:
     return f"{status.get('name')}: {status.get('state')}{extra}"
 
 
-def _lifecycle(cli: click.Group, command: str, op: str, help_text: str,
-               timeout_help: str | None = None) -> None:
+def _lifecycle(cmd_name: str, op: str, help_text: str,
+               timeout_help: str | None = None) -> Command:
+    """A command CMD_NAME that runs the operation ``op`` on one VM (and passes --timeout,
+    an operation parameter, when the operation takes one)."""
     def run(app: App, name: str, timeout: float | None = None) -> None:
         params: dict[str, Any] = {"name": vm_name(name)}
-        call_timeout = None
         if timeout is not None:
             params["timeout"] = timeout
-            call_timeout = timeout + 60
-        status = app.client.call(op, call_timeout=call_timeout, **params)
+        status = app.call(op, **params)
         app.out.emit(status, _state_line(status))
 
     if timeout_help:
@@ -44,102 +42,124 @@ def _lifecycle(cli: click.Group, command: str, op: str, help_text: str,
         def cmd(app: App, name: str) -> None:
             run(app, name)
     cmd.__doc__ = help_text
-    cli.command(command)(cmd)
+    return command(cmd_name)(cmd)
 
 
-def register(cli: click.Group) -> None:
-    @cli.command("list")
-    @pass_app
-    def list_(app: App) -> None:
-        """List the VMs on the agent."""
-        doc = app.call("list")
-        vms = doc.get("vms", [])
-        human = output.vm_table(vms) if vms else "no VMs (create one with 'vmctl create NAME')"
-        app.out.emit(doc, human, quiet="\n".join(vm["name"] for vm in vms) or None)
+start = _lifecycle("start", "start", "Start a stopped VM.")
+stop = _lifecycle("stop", "shutdown", "Shut the VM down gracefully (ACPI), forcing it off "
+                  "after the timeout.", "Seconds to wait for the guest (agent default).")
+reboot = _lifecycle("reboot", "reboot", "Reboot through the guest, falling back to a "
+                    "reset.", "Seconds to wait for the guest (agent default).")
+reset = _lifecycle("reset", "reset", "Hardware reset (like the reset button).")
+poweroff = _lifecycle("poweroff", "poweroff", "Stop qemu immediately (like pulling the "
+                      "plug).")
+hard_reset = _lifecycle("hard-reset", "hard_reset", "Kill qemu and start it again.")
 
-    @cli.command()
-    @name_argument
-    @pass_app
-    def show(app: App, name: str) -> None:
-        """Show one VM: spec, state, SSH address and readiness."""
-        status = app.call("status", name=vm_name(name))
-        app.out.emit(status, output.vm_details(status), quiet=status.get("state"))
 
-    _lifecycle(cli, "start", "start", "Start a stopped VM.")
-    _lifecycle(cli, "stop", "shutdown", "Shut the VM down gracefully (ACPI), forcing it "
-               "off after the timeout.", "Seconds to wait for the guest (agent default).")
-    _lifecycle(cli, "reboot", "reboot", "Reboot through the guest, falling back to a reset.",
-               "Seconds to wait for the guest (agent default).")
-    _lifecycle(cli, "reset", "reset", "Hardware reset (like the reset button).")
-    _lifecycle(cli, "poweroff", "poweroff", "Stop qemu immediately (like pulling the plug).")
-    _lifecycle(cli, "hard-reset", "hard_reset", "Kill qemu and start it again.")
+@command("list")
+@pass_app
+def list_(app: App) -> None:
+    """List the VMs on the agent."""
+    doc = app.call("list")
+    vms = doc.get("vms", [])
+    human: Any = ((lambda: app.out.console.print(output.vm_table(vms))) if vms
+                  else "no VMs (create one with 'vmctl create NAME')")
+    app.out.emit(doc, human, quiet="\n".join(vm["name"] for vm in vms) or None)
 
-    @cli.command()
-    @name_argument
-    @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
-    @pass_app
-    def delete(app: App, name: str, yes: bool) -> None:
-        """Stop the VM and remove it with its disk."""
-        name = vm_name(name)
-        status = app.call("status", name=name)
-        confirm(f"Delete VM {name!r} and its disk ({status.get('state')})?", yes)
-        doc = app.call("delete", name=name)
-        vmssh.forget(app.target, status)
-        app.out.emit(doc, f"deleted {name}")
 
-    @cli.command("push-config")
-    @name_argument
-    @spec_options
-    @pass_app
-    def push_config(app: App, name: str, **kw: Any) -> None:
-        """Change a VM's spec or user-data; applied at its next boot."""
-        params = spec_params(app, kw, default_key=False)
-        if not params:
-            raise click.UsageError("nothing to change: give at least one option")
-        status = app.call("push_config", name=vm_name(name), **params)
-        app.out.emit(status, f"{name}: configuration saved; applied at the next boot "
-                     f"(vmctl reboot {name})")
+@command()
+@name_argument
+@pass_app
+def show(app: App, name: str) -> None:
+    """Show one VM: spec, state, SSH address and readiness."""
+    status = app.call("status", name=vm_name(name))
+    app.out.emit(status, lambda: app.out.console.print(output.vm_details(status)),
+                 quiet=status.get("state"))
 
-    @cli.command()
-    @name_argument
-    @click.option("--name", "-n", "snapshot", metavar="SNAPSHOT",
-                  help="Snapshot name (default: chosen by the agent from the time).")
-    @pass_app
-    def snapshot(app: App, name: str, snapshot: str | None) -> None:
-        """Take a live snapshot of a VM's disk and memory."""
-        doc = app.call("snapshot", name=vm_name(name), snapshot=snapshot)
-        snap = doc.get("snapshot") or {}
-        app.out.emit(doc, f"{name}: snapshot {snap.get('name')} taken",
-                     quiet=snap.get("name"))
 
-    @cli.command()
-    @name_argument
-    @pass_app
-    def snapshots(app: App, name: str) -> None:
-        """List a VM's snapshots."""
-        doc = app.call("snapshots", name=vm_name(name))
-        snaps = doc.get("snapshots", [])
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for col in ("NAME", "DATE", "VM STATE"):
-            table.add_column(col)
-        for s in snaps:
-            table.add_row(str(s.get("name")), str(s.get("date")),
-                          output.size(s.get("vm_state_size")))
-        app.out.emit(doc, table if snaps else f"{name} has no snapshots",
-                     quiet="\n".join(str(s.get("name")) for s in snaps) or None)
+@command()
+@name_argument
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@pass_app
+def delete(app: App, name: str, yes: bool) -> None:
+    """Stop the VM and remove it with its disk."""
+    from .. import vmssh
+    name = vm_name(name)
+    status = app.call("status", name=name)
+    confirm(f"Delete VM {name!r} and its disk ({status.get('state')})?", yes)
+    doc = app.call("delete", name=name)
+    vmssh.forget(app.target, status)
+    app.out.emit(doc, f"deleted {name}")
 
-    @cli.command()
-    @name_argument
-    @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
-                  help="Seconds to wait.")
-    @click.option("--login/--no-login", default=True, show_default=True,
-                  help="Also check that an SSH login works (needs your key in the VM).")
-    @pass_app
-    def wait(app: App, name: str, timeout: float, login: bool) -> None:
-        """Wait until a VM is ready: SSH answers and logs in."""
-        name = vm_name(name)
-        check = ((lambda st: vmssh.try_login(app.target, st, app.config, call=app.call))
-                 if login else None)
-        with Progress(name, enabled=not app.quiet) as progress:
-            status = wait_ready(app.call, name, progress, timeout=timeout, login=check)
-        app.out.emit(status, f"{name} is ready")
+
+@command("push-config")
+@name_argument
+@spec_options
+@pass_app
+def push_config(app: App, name: str, **kw: Any) -> None:
+    """Change a VM's spec or user-data; applied at its next boot."""
+    params = spec_params(app, kw, default_key=False)
+    if not params:
+        raise click.UsageError("nothing to change: give at least one option")
+    status = app.call("push_config", name=vm_name(name), **params)
+    app.out.emit(status, f"{name}: configuration saved; applied at the next boot "
+                 f"(vmctl reboot {name})")
+
+
+@command()
+@name_argument
+@click.option("--name", "-n", "snapshot", metavar="SNAPSHOT",
+              help="Snapshot name (default: chosen by the agent from the time).")
+@pass_app
+def snapshot(app: App, name: str, snapshot: str | None) -> None:
+    """Take a live snapshot of a VM's disk and memory."""
+    doc = app.call("snapshot", name=vm_name(name), snapshot=snapshot)
+    snap = doc.get("snapshot") or {}
+    app.out.emit(doc, f"{name}: snapshot {snap.get('name')} taken",
+                 quiet=snap.get("name"))
+
+
+def _snapshot_table(snaps: list[dict]) -> Any:
+    from rich.table import Table
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "DATE", "VM STATE"):
+        table.add_column(col)
+    for s in snaps:
+        table.add_row(str(s.get("name")), str(s.get("date")),
+                      output.size(s.get("vm_state_size")))
+    return table
+
+
+@command()
+@name_argument
+@pass_app
+def snapshots(app: App, name: str) -> None:
+    """List a VM's snapshots."""
+    doc = app.call("snapshots", name=vm_name(name))
+    snaps = doc.get("snapshots", [])
+    human: Any = ((lambda: app.out.console.print(_snapshot_table(snaps))) if snaps
+                  else f"{name} has no snapshots")
+    app.out.emit(doc, human, quiet="\n".join(str(s.get("name")) for s in snaps) or None)
+
+
+@command()
+@name_argument
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
+              help="Seconds to wait.")
+@click.option("--login/--no-login", default=True, show_default=True,
+              help="Also check that an SSH login works (needs your key in the VM).")
+@pass_app
+def wait(app: App, name: str, timeout: float, login: bool) -> None:
+    """Wait until a VM is ready: SSH answers, cloud-init finished, a login works."""
+    from .. import vmssh
+    from ..progress import Progress, wait_ready
+    name = vm_name(name)
+    check = ((lambda st: vmssh.try_login(app.target, st, app.config, call=app.call))
+             if login else None)
+    with Progress(name, enabled=not app.quiet, login=login) as progress:
+        status = wait_ready(app.call, name, progress, timeout=timeout, login=check)
+    app.out.emit(status, f"{name} is ready")
+
+
+COMMANDS = (list_, show, start, stop, reboot, reset, poweroff, hard_reset, delete,
+            push_config, snapshot, snapshots, wait)

@@ -1,0 +1,63 @@
+"""Start-up cost: what a vmctl command imports before its first request.
+
+``vmctl --version``, ``vmctl list --json`` and ``vmctl ssh NAME -- true`` must not import
+the heavy modules (each costs tens of milliseconds): they are imported where a command
+needs them (rich to draw for people, paramiko for ssh:// agents, aiohttp for websockets,
+yaml for user-data, click's completion for ``vmctl completion``). Checked in a fresh
+interpreter with ``-X importtime``, which lists every module it imports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("rich", "paramiko", "yaml", "cryptography", "aiohttp", "click.shell_completion")
+
+
+def imported(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, set]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMCTL_")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / ".config"),
+               VMCTL_AGENT=f"unix://{tmp_path}/none.sock")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vmctl", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    modules = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", proc.stderr, re.M))
+    return proc, modules
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
+
+
+@pytest.mark.parametrize("args, exit_code", [
+    (["--version"], 0),
+    (["list", "--json"], 6),                      # no agent: fails at the first request
+    (["--json", "list"], 6),
+    (["ssh", "dev1", "--", "true"], 6),
+    (["show", "dev1", "-q"], 6),
+])
+def test_no_heavy_module_before_the_first_request(tmp_path, args, exit_code):
+    proc, modules = imported(args, tmp_path)
+    assert proc.returncode == exit_code, proc.stderr[-2000:]
+    assert "vmctl.main" in modules                # the listing is real
+    assert heavy(modules) == [], f"vmctl {' '.join(args)} imported {heavy(modules)}"
+
+
+def test_version_imports_no_agent_client(tmp_path):
+    proc, modules = imported(["--version"], tmp_path)
+    assert proc.stdout.startswith("vmctl ")
+    assert not modules & {"http.client", "vmctl.client", "vmagent.ops", "tomllib",
+                          "asyncio", "subprocess"}
+
+
+def test_the_check_sees_a_heavy_import(tmp_path):
+    """The check itself can fail: `vmctl completion` does import click's completion."""
+    proc, modules = imported(["completion", "bash"], tmp_path)
+    assert proc.returncode == 0
+    assert "click.shell_completion" in heavy(modules)
