@@ -9,84 +9,30 @@ import difflib
 import json
 import os
 import re
-import select
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from agent_helpers import IMAGE_DIR, ROOT, TOKEN, AgentProcess, free_port  # noqa: F401
 from vmctl.main import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_IMAGE_DIR = Path("/var/cache/vm-test-image")
+TEST_IMAGE_DIR = IMAGE_DIR
 TEST_IMAGE = TEST_IMAGE_DIR / "debian-12-test.qcow2"
-TOKEN = "test-token-0123456789abcdef"
 GOLDEN_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdM09Ct5ZbpGEQm6BvLA/Ji8N4McDg7RPn/"
               "6+OGhCmD golden@vmctl")
 ENV_VARS = ("VMCTL_AGENT", "VMCTL_CONFIG", "VMCTL_TOKEN", "VMCTL_TOKEN_FILE", "VMCTL_DEBUG")
 
+def start_agent(base: Path) -> AgentProcess:
+    """An agent on ``base/state``: its unix socket and a token-protected TCP port."""
+    return AgentProcess(base / "state", token=TOKEN).start()
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Agent:
-    state_dir: Path
-    socket: Path
-    port: int
-    token_file: Path
-    proc: subprocess.Popen
-
-    @property
-    def unix(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def start_agent(base: Path) -> Agent:
-    state = base / "state"
-    token_file = base / "token"
-    token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    log = open(base / "agent.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmagent.cli", "serve", "--state-dir", str(state),
-         "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), "--accel", "tcg"],
-        stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    line = b""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if b"ready" in line:
-                return Agent(state, state / "vmagent.sock", port, token_file, proc)
-    proc.kill()
-    raise RuntimeError(f"vmagent did not start: {line!r}; log: "
-                       f"{(base / 'agent.log').read_text()[-2000:]}")
-
-
-def stop_agent(agent: Agent) -> None:
-    agent.proc.terminate()
-    try:
-        agent.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        agent.proc.kill()
-
+def stop_agent(agent: AgentProcess) -> None:
+    agent.cleanup()
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
@@ -99,17 +45,17 @@ def home(tmp_path, monkeypatch) -> Path:
         monkeypatch.delenv(var, raising=False)
     return home
 
-
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory):
     """One agent for the session, with the test image imported as ``test``."""
     base = tmp_path_factory.mktemp("agent")
     a = start_agent(base)
     try:
+        # alice, an admin in the dry runs, has a key in the registry
+        a.ok("POST", "/keys", {"user": "alice", "keys": GOLDEN_KEY})
         yield a
     finally:
         stop_agent(a)
-
 
 @pytest.fixture
 def run(home):
@@ -121,13 +67,11 @@ def run(home):
                              catch_exceptions=False)
     return invoke
 
-
 @pytest.fixture
 def local(agent, run, monkeypatch):
     """``run`` aimed at the session agent's unix socket through VMCTL_AGENT."""
     monkeypatch.setenv("VMCTL_AGENT", agent.unix)
     return run
-
 
 def ensure_test_image(run) -> None:
     """Import the test image once per agent (through ``vmctl image import``)."""
@@ -135,7 +79,7 @@ def ensure_test_image(run) -> None:
     if any(i["name"] == "test" for i in listing["images"]):
         return
     if not TEST_IMAGE.is_file():
-        pytest.skip(f"{TEST_IMAGE} is not available")
+        pytest.fail(f"{TEST_IMAGE} is missing (./scripts/test builds it)")
     result = run("--json", "image", "import", TEST_IMAGE, "--name", "test",
                  "--kernel", TEST_IMAGE_DIR / "vmlinuz", "--initrd",
                  TEST_IMAGE_DIR / "initrd.img")
@@ -143,8 +87,7 @@ def ensure_test_image(run) -> None:
     doc = json.loads(result.stdout)
     assert doc["name"] == "test" and doc["boot"] == "kernel"
 
-
-def normalize(text: str, agent: Agent) -> str:
+def normalize(text: str, agent: AgentProcess) -> str:
     """Replace what differs between runs: paths, MAC, ports, ids."""
     text = text.replace(str(agent.state_dir), "$STATE")
     # the agent picks a random MAC; when its last three octets are all decimal below 60
@@ -155,7 +98,6 @@ def normalize(text: str, agent: Agent) -> str:
     text = re.sub(r"guid=[0-9a-f-]{36}", "guid=GUID", text)
     text = re.sub(r"(instance-id: [a-z0-9-]+?)-[0-9a-f]{8,}", r"\1-ID", text)
     return text
-
 
 def check_golden(name: str, text: str) -> None:
     path = ROOT / "tests" / "golden" / name
@@ -169,17 +111,14 @@ def check_golden(name: str, text: str) -> None:
                                             str(path), "this run"))
         pytest.fail(f"differs from {path} (VMCTL_UPDATE_GOLDEN=1 rewrites):\n{diff}")
 
-
 # --- a private sshd on localhost ----------------------------------------------------
 
 SSHD = Path("/usr/sbin/sshd")
-
 
 def _keygen(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
                    check=True)
     return path.with_suffix(".pub").read_text().strip()
-
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
@@ -220,7 +159,6 @@ AllowTcpForwarding yes
     proc.terminate()
     proc.wait(10)
 
-
 @pytest.fixture
 def ssh_home(home, sshd):
     """HOME with the client key and the sshd's host key in known_hosts."""
@@ -232,6 +170,5 @@ def ssh_home(home, sshd):
     (ssh_dir / "known_hosts").write_text(f"[127.0.0.1]:{sshd['port']} {kind} {key}\n")
     return home
 
-
-def ssh_address(sshd, agent: Agent) -> str:
+def ssh_address(sshd, agent: AgentProcess) -> str:
     return f"ssh://root@127.0.0.1:{sshd['port']}{agent.socket}"

@@ -1,7 +1,7 @@
 """vmctl against a real vmagent process (unix socket and token TCP), through CliRunner.
 
-Nothing here boots a guest: VMs are created with --no-start or as a dry run, and the one
-lifecycle test starts qemu only to power it off again.
+Nothing here boots a guest: VMs are created with --no-start or as a dry run; the one
+lifecycle test starts qemu only to power it off again, and is marked integration.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def test_errors_exit_codes(local, args, code, message):
             assert doc["exit_code"] == code and message in doc["message"]
 
 
+@pytest.mark.integration                    # qemu starts (and is powered off at once)
 def test_lifecycle_without_booting(local, home):
     ensure_test_image(local)
     name = "life1"

@@ -17,7 +17,7 @@ COMPLETIONS = Path(__file__).resolve().parents[1] / "completions"
 def test_committed_scripts_are_current(shell):
     committed = (COMPLETIONS / FILES[shell]).read_text()
     assert committed == script(cli, shell), (
-        f"completions/{FILES[shell]} is stale: run 'python -m vmctl.commands.completion'")
+        f"completions/{FILES[shell]} is stale: run 'python -m vmctl.gen_completions'")
     result = CliRunner().invoke(cli, ["completion", shell])
     assert result.exit_code == 0 and result.stdout == committed
 

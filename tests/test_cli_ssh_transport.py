@@ -80,6 +80,7 @@ def test_ssh_config_uses_the_proxy_for_a_remote_agent(local, run, agent, sshd, s
         local("delete", "proxy0", "--yes")
 
 
+@pytest.mark.integration                    # qemu starts: its first output arrives
 def test_console_websocket_over_ssh(local, agent, sshd, ssh_home):
     """A websocket (the console) through the tunnel: qemu's first output arrives."""
     ensure_test_image(local)

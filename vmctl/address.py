@@ -17,8 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .config import Config
+from typing import Protocol
+
 from .errors import ConfigError
+
+
+class HostConfig(Protocol):
+    """What address resolution needs of the config (:class:`vmctl.config.Config`)."""
+
+    default_host: str | None
+
+    def host(self, name: str) -> "HostEntry": ...
+
+    def host_for_address(self, address: str) -> "HostEntry | None": ...
+
+
+class HostEntry(Protocol):
+    name: str
+    address: str
+
+    def token(self) -> str | None: ...
 
 DEFAULT_SOCKET = "/var/lib/vmagent/vmagent.sock"
 SCHEMES = ("unix", "http", "ssh")
@@ -130,7 +148,7 @@ class Target:
     source: str = "default"    # --host | VMCTL_AGENT | default_host | default
 
 
-def _interpret(value: str, config: Config, source: str) -> Target:
+def _interpret(value: str, config: HostConfig, source: str) -> Target:
     value = value.strip()
     if value.isdigit():
         address = Address("http", host="127.0.0.1", port=_port(value, "port", value))
@@ -157,7 +175,7 @@ def _env_token() -> str | None:
     return None
 
 
-def resolve(host: str | None, config: Config, env: dict[str, str] | None = None) -> Target:
+def resolve(host: str | None, config: HostConfig, env: dict[str, str] | None = None) -> Target:
     """The target for ``--host`` (may be None), following the precedence above."""
     env = os.environ if env is None else env
     if host:

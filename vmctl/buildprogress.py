@@ -58,6 +58,11 @@ class BuildProgress(LiveDisplay):
             else:
                 table.add_row("[green]✓[/]", name, f"{s['seconds']:.1f}s")
         total = f"  {doc.get('seconds', 0):.0f}s" if doc else ""
+        done = (doc.get("progress") or {}).get("done")
+        if done is not None:
+            whole = (doc.get("progress") or {}).get("total")
+            total += f"  {done / (1 << 20):.1f}" + (
+                f" of {whole / (1 << 20):.1f} MiB" if whole else " MiB")
         parts: list[Any] = [Text(f"{self.title}{total}", style="bold"), table]
         line = last_line(doc.get("log_tail") or "")
         if line and not final:
@@ -66,22 +71,27 @@ class BuildProgress(LiveDisplay):
 
 
 def follow(call: Callable[..., dict], image: str, progress: BuildProgress, *,
-           timeout: float, poll: float = 1.0) -> dict:
-    """Poll the build of ``image`` until it ends; return its last status, or raise a
-    ``build_failed`` error naming the step and ending with the tail of the build log."""
+           timeout: float, poll: float = 1.0, op: str = "image_build_status",
+           what: str = "build", again: str = "vmctl image build") -> dict:
+    """Poll the job of ``image`` (``op``: its status operation) until it ends; return
+    its last status, or raise an error naming the step (and, for builds, ending with
+    the tail of the log)."""
     deadline = time.monotonic() + timeout
     while True:
-        doc = call("image_build_status", image=image)
+        doc = call(op, image=image)
         progress.update(doc)
         if doc.get("state") == "done":
             return doc
-        if doc.get("state") == "failed":
+        if doc.get("state") in ("failed", "cancelled"):
             tail = (doc.get("log_tail") or "").rstrip()
-            raise CLIError(f"build of {image} failed at step {doc.get('failed_step')}: "
-                           f"{doc.get('error')}\n--- last lines of {doc.get('log')} ---\n"
-                           f"{tail}", "build_failed", details={"build": doc})
+            log = (f"\n--- last lines of {doc.get('log')} ---\n{tail}"
+                   if doc.get("log") else "")
+            raise CLIError(f"{what} of {image} {doc.get('state')} at step "
+                           f"{doc.get('failed_step')}: {doc.get('error')}{log}",
+                           "build_failed" if what == "build" else "image_error",
+                           details={what: doc})
         if time.monotonic() >= deadline:
-            raise WaitTimeout(f"the build of {image} did not finish within {timeout:g}s "
+            raise WaitTimeout(f"the {what} of {image} did not finish within {timeout:g}s "
                               f"(now at step {doc.get('step')}); it goes on: follow it "
-                              f"again with 'vmctl image build {image}'")
+                              f"again with '{again} {image}'")
         time.sleep(poll)

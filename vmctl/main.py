@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .app import App, Group
-from .commands import completion, console, create, host, image, ssh, template, vm
+from .commands import completion, console, create, host, image, key, ssh, template, vm
 from .errors import CLIError
 
 
@@ -100,12 +100,12 @@ def cli(ctx: click.Context) -> None:
     \b
     Exit codes: 0 ok, 1 error, 2 usage / invalid input, 3 not found,
     4 conflict or wrong state, 5 timeout, 6 agent unreachable, 7 qemu failure,
-    8 unauthorized.
+    8 unauthorized or forbidden.
     """
     ctx.ensure_object(App)
 
 
-for _module in (create, vm, ssh, console, image, host, template, completion):
+for _module in (create, vm, ssh, console, image, host, template, key, completion):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

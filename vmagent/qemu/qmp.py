@@ -131,5 +131,9 @@ async def guest_agent_call(path: Path, name: str, command: str,
                 await mon.execute(command, arguments, timeout)
             except Timeout:
                 pass
+            except QMPFailure as e:
+                if "connection lost" not in e.message:
+                    raise
+                # the guest went down on the order (its agent with it): taken
             return None
         return await mon.execute(command, arguments, timeout)

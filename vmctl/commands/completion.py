@@ -1,7 +1,7 @@
 """``vmctl completion bash|zsh|fish``: shell completion scripts (click's machinery).
 
 The generated scripts are committed in ``completions/``; ``python -m
-vmctl.commands.completion`` rewrites them and a test checks they are current.
+vmctl.gen_completions`` rewrites them and a test checks they are current.
 """
 
 from __future__ import annotations
@@ -47,7 +47,3 @@ def write_all(cli: click.Command, directory: Path) -> None:
     for shell, fname in FILES.items():
         (directory / fname).write_text(script(cli, shell))
 
-
-if __name__ == "__main__":
-    from vmctl.main import cli        # the script's entry point, not an import of the module
-    write_all(cli, Path(__file__).resolve().parents[2] / "completions")

@@ -104,4 +104,36 @@ def show(app: App) -> None:
                  quiet=doc.get("version"))
 
 
+def _log_line(e: dict) -> str:
+    target = (e.get("target") or {}).get("name") or ""
+    err = e.get("error") or {}
+    return (f"{e.get('time')}  {e.get('user'):<12} {e.get('transport'):<5} "
+            f"{e.get('operation'):<14} {target:<16} {e.get('result')}"
+            + (f": {err.get('message')}" if err else ""))
+
+
+@host.command("log")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new entries.")
+@click.option("--tail", "-n", "lines", type=click.IntRange(1), default=50,
+              show_default=True, help="How many of the last entries to show first.")
+@pass_app
+def log(app: App, follow: bool, lines: int) -> None:
+    """The audit log of the agent: who changed what, when (operators)."""
+    import time
+    doc = app.call("host_log", tail=lines * 1024)
+    entries = doc.get("entries", [])[-lines:]
+    if app.json and not follow:
+        app.out.json({"entries": entries, "offset": doc.get("offset")})
+        return
+    for e in entries:
+        click.echo(_log_line(e) if not app.json else __import__("json").dumps(e))
+    offset = doc.get("offset", 0)
+    while follow:
+        time.sleep(1.0)
+        doc = app.call("host_log", offset=offset)
+        offset = doc.get("offset", offset)
+        for e in doc.get("entries", []):
+            click.echo(_log_line(e) if not app.json else __import__("json").dumps(e))
+
+
 COMMANDS = (host,)

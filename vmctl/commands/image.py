@@ -74,14 +74,39 @@ def import_(app: App, file: str, name: str, kernel: str | None, initrd: str | No
 @click.argument("name", shell_complete=complete_image)
 @click.option("--url", help="Download from this URL instead of the catalog.")
 @click.option("--sha256", metavar="HEX", help="Expected SHA-256 (required with --url).")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=3600,
+              show_default=True, help="Seconds the agent gives the download.")
+@click.option("--wait/--no-wait", default=True,
+              help="Follow the pull until it ends (default), or return once it runs.")
+@click.option("--cancel", is_flag=True, help="Cancel the running pull of NAME.")
 @pass_app
-def pull(app: App, name: str, url: str | None, sha256: str | None) -> None:
-    """Download a catalog image (or --url) into the store, verifying its digest."""
+def pull(app: App, name: str, url: str | None, sha256: str | None, timeout: float,
+         wait: bool, cancel: bool) -> None:
+    """Download a catalog image (or --url) into the store, verifying its digest.
+
+    The agent runs the pull as a job bounded by --timeout and a minimum rate; it goes
+    on if vmctl is stopped (follow it again with the same command, or --cancel it).
+    """
+    name = image_name(name)
+    if cancel:
+        doc = app.call("image_pull_cancel", image=name)
+        app.out.emit(doc, f"pull of {name} cancelled")
+        return
     if url and not sha256:
         raise click.UsageError("--url needs --sha256")
-    app.out.info(f"pulling {name} (this can take a while)...")
-    doc = app.call("image_pull", image=image_name(name), url=url, sha256=sha256)
-    app.out.emit(doc, _image_line(doc), quiet=doc.get("name"))
+    doc = app.call("image_pull", image=name, url=url, sha256=sha256, timeout=timeout,
+                   wait=False)
+    if wait and doc.get("state") == "running":
+        from ..buildprogress import BuildProgress, follow
+        with BuildProgress(name, enabled=not app.quiet, title=f"pulling {name}") as progress:
+            doc = follow(app.call, name, progress, timeout=timeout + 60,
+                         op="image_pull_status", what="pull", again="vmctl image pull")
+    elif doc.get("state") in ("failed", "cancelled"):
+        raise CLIError(f"pull of {name} {doc['state']}: {doc.get('error')}", "image_error",
+                       details={"pull": doc})
+    img = doc.get("result") or {}
+    app.out.emit(doc, _image_line(img) if img else
+                 f"pulling {name}; follow it with 'vmctl image pull {name}'", quiet=name)
 
 
 @image.command()

@@ -80,7 +80,7 @@ def _create_with_progress(app: App, template: str, params: dict, timeout: float)
                 doc = app.call("template_show", template=template)
             except CLIError:
                 doc = {}                    # not started yet, or a failure before it did
-            if doc.get("state") in ("building", "failed"):
+            if doc.get("kind") == "template_build":      # the build job, while it runs
                 progress.update(doc)
             if not worker.is_alive():
                 break                       # one last look at a failed build's steps

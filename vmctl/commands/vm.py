@@ -57,10 +57,12 @@ hard_reset = _lifecycle("hard-reset", "hard_reset", "Kill qemu and start it agai
 
 
 @command("list")
+@click.option("--all", "-a", "all_", is_flag=True,
+              help="Every VM of the host, not only yours (operators).")
 @pass_app
-def list_(app: App) -> None:
-    """List the VMs on the agent."""
-    doc = app.call("list")
+def list_(app: App, all_: bool) -> None:
+    """List your VMs (those you own or administer) on the agent."""
+    doc = app.call("list", all=all_ or None)
     vms = doc.get("vms", [])
     human: Any = ((lambda: app.out.console.print(output.vm_table(vms))) if vms
                   else "no VMs (create one with 'vmctl create NAME')")
@@ -95,15 +97,32 @@ def delete(app: App, name: str, yes: bool) -> None:
 @command("push-config")
 @name_argument
 @spec_options
+@click.option("--no-admins", is_flag=True, help="Remove every admin (the owner stays).")
+@click.option("--owner", metavar="NAME", help="Give the VM to another person (operators).")
 @pass_app
-def push_config(app: App, name: str, **kw: Any) -> None:
-    """Change a VM's spec or user-data; applied at its next boot."""
+def push_config(app: App, name: str, no_admins: bool, owner: str | None,
+                **kw: Any) -> None:
+    """Change a VM's spec or user-data (applied at its next boot); a change of its
+    admins applies at once in the running guest."""
     params = spec_params(app, kw, default_key=False)
+    if no_admins:
+        if params.get("admins"):
+            raise click.UsageError("--no-admins and --admin: give one of them")
+        params["admins"] = []
+    if owner:
+        params["owner"] = owner
     if not params:
         raise click.UsageError("nothing to change: give at least one option")
     status = app.call("push_config", name=vm_name(name), **params)
-    app.out.emit(status, f"{name}: configuration saved; applied at the next boot "
-                 f"(vmctl reboot {name})")
+    synced = status.get("accounts_synced")
+    human = (f"{name}: configuration saved; applied at the next boot "
+             f"(vmctl reboot {name})")
+    if synced:
+        changed = ", ".join([f"+{a}" for a in synced.get("added", [])] +
+                            [f"-{a}" for a in synced.get("removed", [])])
+        human += (f"; accounts changed in the running guest: {changed}" if synced.get("ok")
+                  else f"; accounts not changed yet: {synced.get('error')}")
+    app.out.emit(status, human)
 
 
 @command()
