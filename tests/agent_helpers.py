@@ -62,8 +62,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class AgentProcess:
     """``vmagent serve`` on ``state_dir`` (TCG); with ``token``, also on TCP (port 0)."""
 
-    def __init__(self, state_dir: Path, *extra: str, token: str | None = None) -> None:
+    def __init__(self, state_dir: Path, *extra: str, token: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.state_dir = Path(state_dir)
+        self.env = env
         self.socket = self.state_dir / "vmagent.sock"
         self.extra = extra
         self.token = token
@@ -92,7 +94,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmagent.cli", "serve", "--state-dir",
              str(self.state_dir), "--accel", "tcg", *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+            env={**os.environ, **self.env} if self.env else None)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
