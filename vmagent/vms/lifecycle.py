@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _SNAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PANICKED = "the guest kernel panicked"
+ADOPT_TIMEOUT = 3.0       # a re-adopted qemu greets on QMP within this, or is hung
 VANISHED = "qemu exited unexpectedly (see the console log)"
 
 
@@ -124,7 +125,7 @@ class Lifecycle:
         """Make the recorded state agree with the process table (after a restart)."""
         if vm.machine.alive():
             try:
-                await vm.attach()
+                await vm.attach(ADOPT_TIMEOUT)
             except VMAgentError as e:
                 log.warning("%s: qemu runs but QMP does not answer: %s", vm.name, e)
             if vm.rec.rt.state != State.RUNNING:

@@ -3,6 +3,7 @@ delete, push_config; and re-adoption of the VMs at start-up."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Protocol
 
@@ -50,14 +51,20 @@ class VMService:
         """Load every VM and make it agree with what runs: a create that never answered
         is rolled back, a delete that was interrupted is finished, the others are
         reconciled with their qemu."""
-        for vm in self.registry.load():
+        async def one(vm: VM) -> None:
             rt = vm.rec.rt
-            if rt.creating or rt.state == State.DELETING:
-                what = "create" if rt.creating else "delete"
-                log.warning("%s: finishing an interrupted %s: removing it", vm.name, what)
-                await self._remove(vm)
-                continue
-            await self.lifecycle.reconcile(vm)
+            try:
+                if rt.creating or rt.state == State.DELETING:
+                    what = "create" if rt.creating else "delete"
+                    log.warning("%s: finishing an interrupted %s: removing it", vm.name,
+                                what)
+                    await self._remove(vm)
+                else:
+                    await self.lifecycle.reconcile(vm)
+            except Exception:  # noqa: BLE001 - one VM must not keep the agent from starting
+                log.exception("%s: adopting it failed", vm.name)
+        # all at once: a hung qemu costs its own QMP timeout, not everybody's
+        await asyncio.gather(*(one(vm) for vm in self.registry.load()))
 
     # --- reading ------------------------------------------------------------------------
 

@@ -113,11 +113,12 @@ class VM:
         await self.attach()
         return pid
 
-    async def attach(self) -> None:
-        """Connect QMP (after launch, or to re-adopt a running qemu) and watch events."""
+    async def attach(self, timeout: float | None = None) -> None:
+        """Connect QMP (after launch, or to re-adopt a running qemu) and watch events;
+        ``timeout`` bounds the wait for qemu's greeting (a stopped qemu sends none)."""
         await self.detach()
         mon = Monitor(self.run_dir / rundir.QMP_SOCK, self.name)
-        await mon.connect()
+        await mon.connect(timeout)
         self.monitor = mon
         self._events = asyncio.create_task(self._watch_events(mon))
 
@@ -158,7 +159,7 @@ class VM:
         if self.monitor is None:
             if not self.machine.alive():
                 raise Conflict(f"VM {self.name} is not running")
-            await self.attach()
+            await self.attach(timeout)
         assert self.monitor is not None
         return await self.monitor.execute(command, arguments, timeout)
 
