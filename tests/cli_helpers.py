@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent_helpers import IMAGE_DIR, ROOT, TOKEN, AgentProcess, free_port  # noqa: F401
+from sshd_helpers import SSHD, keygen as _keygen, start_sshd  # noqa: F401
 from vmctl.main import cli
 
 TEST_IMAGE_DIR = IMAGE_DIR
@@ -27,12 +28,25 @@ GOLDEN_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdM09Ct5ZbpGEQm6BvLA/Ji8N4Mc
               "6+OGhCmD golden@vmctl")
 ENV_VARS = ("VMCTL_AGENT", "VMCTL_CONFIG", "VMCTL_TOKEN", "VMCTL_TOKEN_FILE", "VMCTL_DEBUG")
 
+# the dry run of the golden files (tests/golden/create_dry_run.*)
+DRY = ["create", "gold1", "--image", "test", "--cpus", "1", "--memory", "512M",
+       "--disk", "4G", "--admin", "alice", "--segment", "default", "--dry-run"]
+
+
+def golden_key(home: Path) -> Path:
+    path = home / "golden.pub"
+    path.write_text(GOLDEN_KEY + "\n")
+    return path
+
+
 def start_agent(base: Path) -> AgentProcess:
     """An agent on ``base/state``: its unix socket and a token-protected TCP port."""
     return AgentProcess(base / "state", token=TOKEN).start()
 
+
 def stop_agent(agent: AgentProcess) -> None:
     agent.cleanup()
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
@@ -44,6 +58,7 @@ def home(tmp_path, monkeypatch) -> Path:
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     return home
+
 
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory):
@@ -57,6 +72,7 @@ def agent(tmp_path_factory):
     finally:
         stop_agent(a)
 
+
 @pytest.fixture
 def run(home):
     """``run(*args, input=None)`` -> click Result, stdout and stderr kept apart."""
@@ -67,11 +83,13 @@ def run(home):
                              catch_exceptions=False)
     return invoke
 
+
 @pytest.fixture
 def local(agent, run, monkeypatch):
     """``run`` aimed at the session agent's unix socket through VMCTL_AGENT."""
     monkeypatch.setenv("VMCTL_AGENT", agent.unix)
     return run
+
 
 def ensure_test_image(run) -> None:
     """Import the test image once per agent (through ``vmctl image import``)."""
@@ -87,6 +105,7 @@ def ensure_test_image(run) -> None:
     doc = json.loads(result.stdout)
     assert doc["name"] == "test" and doc["boot"] == "kernel"
 
+
 def normalize(text: str, agent: AgentProcess) -> str:
     """Replace what differs between runs: paths, MAC, ports, ids."""
     text = text.replace(str(agent.state_dir), "$STATE")
@@ -98,6 +117,7 @@ def normalize(text: str, agent: AgentProcess) -> str:
     text = re.sub(r"guid=[0-9a-f-]{36}", "guid=GUID", text)
     text = re.sub(r"(instance-id: [a-z0-9-]+?)-[0-9a-f]{8,}", r"\1-ID", text)
     return text
+
 
 def check_golden(name: str, text: str) -> None:
     path = ROOT / "tests" / "golden" / name
@@ -111,53 +131,21 @@ def check_golden(name: str, text: str) -> None:
                                             str(path), "this run"))
         pytest.fail(f"differs from {path} (VMCTL_UPDATE_GOLDEN=1 rewrites):\n{diff}")
 
+
 # --- a private sshd on localhost ----------------------------------------------------
 
-SSHD = Path("/usr/sbin/sshd")
-
-def _keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                   check=True)
-    return path.with_suffix(".pub").read_text().strip()
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     """sshd on 127.0.0.1:PORT with a temp host key; ``client_key`` may log in as root."""
     d = tmp_path_factory.mktemp("sshd")
-    host_pub = _keygen(d / "host_key")
     client_pub = _keygen(d / "client_key")
-    (d / "authorized_keys").write_text(client_pub + "\n")
-    port = free_port()
-    (d / "sshd_config").write_text(f"""
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {d / 'host_key'}
-PidFile none
-AuthorizedKeysFile {d / 'authorized_keys'}
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowStreamLocalForwarding yes
-AllowTcpForwarding yes
-""")
-    Path("/run/sshd").mkdir(exist_ok=True)      # privilege separation directory
-    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(d / "sshd_config")],
-                            stderr=open(d / "sshd.log", "wb"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+    proc, port, host_pub, sshd_dir = start_sshd({"root": client_pub})
     yield {"port": port, "dir": d, "host_pub": host_pub}
     proc.terminate()
     proc.wait(10)
+    shutil.rmtree(sshd_dir, ignore_errors=True)
+
 
 @pytest.fixture
 def ssh_home(home, sshd):
@@ -169,6 +157,7 @@ def ssh_home(home, sshd):
     kind, key = sshd["host_pub"].split()[:2]
     (ssh_dir / "known_hosts").write_text(f"[127.0.0.1]:{sshd['port']} {kind} {key}\n")
     return home
+
 
 def ssh_address(sshd, agent: AgentProcess) -> str:
     return f"ssh://root@127.0.0.1:{sshd['port']}{agent.socket}"

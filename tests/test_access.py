@@ -15,8 +15,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
-from access_helpers import GROUP, OPERATORS, People, SharedAgent, ensure_group, start_sshd
+from access_helpers import GROUP, OPERATORS, People, SharedAgent, ensure_group
 from agent_helpers import ROOT, keypair, require_test_image
+from sshd_helpers import start_sshd
 from vmagent import ops
 
 ALICE, BOB, OLGA = "vmacc-alice", "vmacc-bob", "vmacc-olga"   # olga: an operator

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from cli_helpers import (GOLDEN_KEY, TOKEN, agent, check_golden, ensure_test_image,  # noqa: F401
+from cli_helpers import (DRY, golden_key, GOLDEN_KEY, TOKEN, agent, check_golden, ensure_test_image,  # noqa: F401
                          home, local, normalize, run, start_agent, stop_agent)
 
 
@@ -48,14 +48,7 @@ def test_image_import_and_list(local):
     assert again.exit_code == 4 and "already exists" in again.stderr
 
 
-def _key(home):
-    path = home / "golden.pub"
-    path.write_text(GOLDEN_KEY + "\n")
-    return path
-
-
-DRY = ["create", "gold1", "--image", "test", "--cpus", "1", "--memory", "512M",
-       "--disk", "4G", "--admin", "alice", "--segment", "default", "--dry-run"]
+_key = golden_key
 
 
 def test_dry_run_json_golden(local, agent, home):

@@ -9,7 +9,7 @@ import json
 import click
 import pytest
 
-from cli_helpers import (GOLDEN_KEY, agent, check_golden, ensure_test_image,  # noqa: F401
+from cli_helpers import (DRY, golden_key, GOLDEN_KEY, agent, check_golden, ensure_test_image,  # noqa: F401
                          home, local, normalize, run)
 from vmctl.app import App
 from vmctl.commands.ssh import command_start, ssh as ssh_command
@@ -35,14 +35,7 @@ def test_every_command_and_group_takes_the_global_options():
             "template rm"} <= set(names)
 
 
-def _key(home):
-    path = home / "golden.pub"
-    path.write_text(GOLDEN_KEY + "\n")
-    return path
-
-
-DRY = ["create", "gold1", "--image", "test", "--cpus", "1", "--memory", "512M",
-       "--disk", "4G", "--admin", "alice", "--segment", "default", "--dry-run"]
+_key = golden_key
 
 
 @pytest.mark.parametrize("spelling", ["before", "after", "both"])

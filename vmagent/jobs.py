@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from vmagent.errors import VMAgentError, is_no_space
+from vmagent.errors import NotFound, VMAgentError, is_no_space
 from vmagent.fsutil import FormatError, read_record, tail_lines, write_record
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,13 @@ class Jobs:
             del self._jobs[(kind, name)]
             return None
         return job
+
+    def status(self, kind: str, name: str, missing: str) -> dict[str, Any]:
+        """The latest job's status document; NotFound with ``missing`` if there is none."""
+        job = self.get(kind, name)
+        if job is None:
+            raise NotFound(missing, name=name)
+        return job.to_json()
 
     def running(self, kind: str) -> list[Job]:
         return [j for (k, _), j in self._jobs.items() if k == kind and j.running]

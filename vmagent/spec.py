@@ -315,3 +315,15 @@ def parse_timeout(value: Any, default: float, maximum: float = 3600) -> float:
     if not 0 < t <= maximum:
         raise BadRequest(f"timeout: must be between 0 and {maximum:g} seconds")
     return t
+
+
+def parse_offset_tail(offset: Any, tail: Any) -> tuple[int, int | None]:
+    """``offset`` and ``tail`` of a log read: whole numbers, not negative (tail: None)."""
+    try:
+        offset = int(offset or 0)
+        tail = None if tail in (None, "") else int(tail)
+    except (TypeError, ValueError):
+        raise BadRequest("offset and tail must be whole numbers") from None
+    if offset < 0 or (tail is not None and tail < 0):
+        raise BadRequest("offset and tail must not be negative")
+    return offset, tail

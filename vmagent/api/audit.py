@@ -15,8 +15,9 @@ from typing import Any, AsyncIterator
 
 from vmagent.api.dispatch import Guard, target_of
 from vmagent.context import RequestContext
-from vmagent.errors import BadRequest, VMAgentError
+from vmagent.errors import VMAgentError
 from vmagent.ops import Operation
+from vmagent.spec import parse_offset_tail
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,4 @@ class AuditService:
         self.audit = audit
 
     async def read(self, ctx: RequestContext, offset: Any = 0, tail: Any = None) -> dict:
-        try:
-            offset = int(offset or 0)
-            tail = None if tail in (None, "") else int(tail)
-        except (TypeError, ValueError):
-            raise BadRequest("offset and tail must be whole numbers") from None
-        if offset < 0 or (tail is not None and tail < 0):
-            raise BadRequest("offset and tail must not be negative")
-        return self.audit.read(offset, tail)
+        return self.audit.read(*parse_offset_tail(offset, tail))

@@ -62,11 +62,8 @@ class Pulls:
 
     def status(self, name: str) -> dict[str, Any]:
         check_image_name(name)
-        job = self.jobs.get(KIND, name)
-        if job is None:
-            raise NotFound(f"no pull of image {name!r} (start one with 'vmctl image pull "
-                           f"{name}')", image=name)
-        return job.to_json()
+        return self.jobs.status(KIND, name, f"no pull of image {name!r} (start one with "
+                                f"'vmctl image pull {name}')")
 
     async def cancel(self, name: str) -> dict[str, Any]:
         check_image_name(name)

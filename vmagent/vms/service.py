@@ -16,7 +16,8 @@ from vmagent.identity.accounts import Account
 from vmagent.images.store import ImageStore
 from vmagent.qemu import argv as qargv
 from vmagent.qemu.guest import guest_exec
-from vmagent.spec import USER_RE, Defaults, VMSpec, apply_defaults, parse_flag
+from vmagent.spec import (USER_RE, Defaults, VMSpec, apply_defaults, parse_flag,
+                          parse_offset_tail)
 from vmagent.vms.create import Creator
 from vmagent.vms.lifecycle import Lifecycle
 from vmagent.vms.registry import VMRegistry
@@ -92,13 +93,7 @@ class VMService:
         vm = self.registry.get(name)
         log_ = vm.console
         size = log_.size()
-        try:
-            offset = int(offset or 0)
-            tail = None if tail in (None, "") else int(tail)
-        except (TypeError, ValueError):
-            raise BadRequest("offset and tail must be whole numbers") from None
-        if offset < 0 or (tail is not None and tail < 0):
-            raise BadRequest("offset and tail must not be negative")
+        offset, tail = parse_offset_tail(offset, tail)
         if tail is not None:
             offset = max(0, size - tail)
         offset = min(offset, size)

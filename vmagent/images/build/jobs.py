@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from vmagent.errors import BadRequest, Conflict, ImageError, NotFound
+from vmagent.errors import BadRequest, Conflict, ImageError
 from vmagent.images.build import builder
 from vmagent.images.build.recipes import host_mirror
 from vmagent.images.catalog import Catalog
@@ -77,11 +77,8 @@ class Builds:
 
     def status(self, image: str) -> dict[str, Any]:
         check_image_name(image)
-        job = self.jobs.get(KIND, image)
-        if job is None:
-            raise NotFound(f"no build of image {image!r} (start one with 'vmctl image "
-                           f"build {image}')", image=image)
-        return job.to_json()
+        return self.jobs.status(KIND, image, f"no build of image {image!r} (start one "
+                                f"with 'vmctl image build {image}')")
 
     async def start(self, image: str, replace: bool, users: Callable[[], list[str]]) -> dict:
         check_image_name(image)
