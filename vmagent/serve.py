@@ -61,7 +61,10 @@ def prepare_socket(path: Path) -> None:
 
 def socket_gid(group: str | None) -> int | None:
     """The socket group's gid. The default group may be missing (then only root gets
-    in, with a warning); a group asked for by name must exist."""
+    in, with a warning); a group asked for by name must exist. A per-user agent (not
+    root: ``vmctl --local``) has no socket group: it is its user's alone."""
+    if os.geteuid() != 0 and not group:
+        return None
     name = group or DEFAULT_SOCKET_GROUP
     try:
         return grp.getgrnam(name).gr_gid
@@ -79,7 +82,7 @@ def secure_state_dir(state_dir: Path, sock_path: Path, gid: int | None) -> None:
         (state_dir / name).mkdir(exist_ok=True)
         os.chmod(state_dir / name, 0o700)
     if gid is not None and sock_path.parent.resolve() == state_dir:
-        os.chown(state_dir, 0, gid)
+        os.chown(state_dir, os.geteuid(), gid)
         os.chmod(state_dir, 0o710)
     else:
         os.chmod(state_dir, 0o700)
@@ -130,8 +133,8 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.UnixSite(runner, str(sock_path)).start()
     if gid is not None:
-        os.chown(sock_path, 0, gid)
-    os.chmod(sock_path, 0o660)
+        os.chown(sock_path, os.geteuid(), gid)
+    os.chmod(sock_path, 0o660 if gid is not None else 0o600)
     runners.append(runner)
     log.info("listening on unix:%s", sock_path)
     if args.listen:

@@ -175,6 +175,11 @@ def _env_token() -> str | None:
     return None
 
 
+def local_target(socket_path: str) -> Target:
+    """The per-user agent (vmctl/localagent.py)."""
+    return Target(Address("unix", path=socket_path), None, "local-user", "--local")
+
+
 def resolve(host: str | None, config: HostConfig, env: dict[str, str] | None = None) -> Target:
     """The target for ``--host`` (may be None), following the precedence above."""
     env = os.environ if env is None else env

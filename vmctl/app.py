@@ -17,6 +17,8 @@ the agent client (http.client) and rich are loaded when a command first uses the
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
@@ -38,6 +40,7 @@ class App:
     def __init__(self, host: str | None = None, json_mode: bool = False,
                  quiet: bool = False) -> None:
         self.host = host
+        self.local = False                  # --local: the per-user agent
         self.out = Output(json_mode=json_mode, quiet=quiet)
         self._config: config_mod.Config | None = None
         self._client: AgentClient | None = None
@@ -70,10 +73,28 @@ class App:
     @property
     def client(self) -> AgentClient:
         if self._client is None:
-            from . import address
             from .client import AgentClient
-            self._client = AgentClient(address.resolve(self.host, self.config))
+            self._client = AgentClient(self._resolve())
         return self._client
+
+    def _resolve(self) -> address.Target:
+        """The agent to use: --host / VMCTL_AGENT / the config / the system socket;
+        --local (or, for a user who is not root and finds no system agent, the offer
+        of) the per-user agent (vmctl/localagent.py)."""
+        from . import address, localagent
+        if self.local:
+            if self.host:
+                raise click.UsageError("--local and --host: give one agent")
+            p = localagent.paths()
+            localagent.ensure(p, self.out.info)
+            return address.local_target(str(p.socket))
+        target = address.resolve(self.host, self.config)
+        if (target.source == "default" and not os.path.exists(address.DEFAULT_SOCKET)
+                and localagent.offer(address.DEFAULT_SOCKET, localagent.paths(),
+                                     sys.stdin.isatty() and not self.json, self.out.info,
+                                     lambda q: click.confirm(q, default=True, err=True))):
+            return address.local_target(str(localagent.paths().socket))
+        return target
 
     def call(self, op: str, **params: Any) -> dict:
         return self.client.call(op, **params)
@@ -102,6 +123,11 @@ def _switch(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     return callback
 
 
+def _local(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value:
+        ctx.ensure_object(App).local = True
+
+
 def global_options() -> list[click.Option]:
     """New Option objects (one set per command): their values go to the App."""
     return [
@@ -113,6 +139,8 @@ def global_options() -> list[click.Option]:
         click.Option(["--quiet", "-q"], is_flag=True, expose_value=False,
                      callback=_switch("quiet"),
                      help="Print only what a script needs; no progress display."),
+        click.Option(["--local"], is_flag=True, expose_value=False, callback=_local,
+                     help="Use your own per-user agent (started if it does not run)."),
     ]
 
 

@@ -2,8 +2,8 @@
 request.
 
 * the unix socket: the local user of the connecting process (``SO_PEERCRED``), an
-  operator if it is root or a member of the operators group (``vmagent-admin`` by
-  default). The SSH transport reaches this socket through sshd, as the SSH login user,
+  operator if it is root, a member of the operators group (``vmagent-admin`` by
+  default), or the user the agent itself runs as (a per-user agent, ``vmctl --local``). The SSH transport reaches this socket through sshd, as the SSH login user,
   so that user is the caller.
 * TCP: the user a bearer token is bound to (``Authorization: Bearer <token>``; the
   scheme is case-insensitive), with the token's role; ``--token-file`` is one operator
@@ -68,7 +68,8 @@ class UnixPeer:
         if uid is None:
             raise Unauthorized("the caller's identity is unknown (no peer credentials)")
         user = user_name(uid)
-        operator = uid == 0 or in_group(user, self.operators_group)
+        # root, the operators group, and the user a per-user agent runs as
+        operator = uid in (0, os.geteuid()) or in_group(user, self.operators_group)
         return Caller(user, Role.OPERATOR if operator else Role.USER, uid=uid)
 
     def authenticate(self, request: web.Request) -> RequestContext:

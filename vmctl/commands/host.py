@@ -77,6 +77,10 @@ def list_(app: App, no_probe: bool) -> None:
     current = app.client.target
     if current.label not in targets:
         targets = {current.label: current, **targets}
+    from .. import localagent
+    mine = localagent.paths().socket
+    if "local-user" not in targets and localagent.answers(mine):     # vmctl --local
+        targets["local-user"] = address.local_target(str(mine))
     for label, target in targets.items():
         row = {"name": label, "current": label == current.label}
         try:
