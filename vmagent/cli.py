@@ -44,6 +44,16 @@ def _serve_args(sub: argparse._SubParsersAction) -> None:
                         "port, printed in the ready line)")
     p.add_argument("--token-file", help="a file with one operator token for TCP (mode "
                    "0600), besides the tokens of 'vmagent token'")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve the TCP listener (API and "
+                   "web UI) over TLS with this certificate chain (PEM); with --tls-key")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--public-url", metavar="URL", help="where browsers reach the TCP "
+                   "listener, for the links of 'vmctl ui' and 'vmctl vnc' (default: "
+                   "from --listen)")
+    p.add_argument("--novnc-dir", metavar="DIR", help="noVNC's files (default: "
+                   "/usr/share/novnc, from Debian's novnc package)")
+    p.add_argument("--xterm-dir", metavar="DIR", help="xterm.js's npm packages (default: "
+                   "/usr/local/share/vmagent/web/node_modules/@xterm)")
     p.add_argument("--keys-url", metavar="URL", help="where people's SSH keys are when "
                    "the keys directory has none, e.g. https://keys.example.org/{user}.keys")
     p.add_argument("--keys-ttl", type=float, default=300.0, metavar="SECONDS",
