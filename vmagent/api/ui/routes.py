@@ -35,7 +35,8 @@ from vmagent.ops import BY_NAME
 log = logging.getLogger(__name__)
 
 PREFIX = "/ui"
-SESSION_KEY = "vmagent.ui.session"
+SESSION_KEY: Any = (web.RequestKey("vmagent.ui.session", object)  # type: ignore[attr-defined]
+                    if hasattr(web, "RequestKey") else "vmagent.ui.session")
 # the operations of a VM page's buttons (the no-script form posts one of these)
 PAGE_OPS = ("start", "shutdown", "reboot", "reset", "poweroff", "snapshot", "delete")
 EVENTS_SHOWN = 50
