@@ -223,7 +223,7 @@ def test_a_second_person_sees_no_trace_of_the_first_persons_vm(browser, people, 
     name = alice_vm["name"]
     browser.sign_in(people[BOB])
     assert name not in browser.driver.page_source
-    doc = browser.js_async("""const done = arguments[0];
+    doc = browser.js_async("""const done = arguments[arguments.length - 1];
         fetch('/ui/api/vms').then(r => r.json()).then(done);""")
     assert doc["vms"] == [] and name not in json.dumps(doc)
     browser.get(f"/ui/vms/{name}")
@@ -236,13 +236,13 @@ def test_a_second_person_sees_no_trace_of_the_first_persons_vm(browser, people, 
 def test_a_request_without_the_csrf_token_is_refused(browser, people, alice_vm):
     name = alice_vm["name"]
     browser.sign_in(people[ALICE])
-    refused = browser.js_async("""const done = arguments[0];
-        fetch('/ui/api/op/poweroff', {method: 'POST', body: JSON.stringify({name: arguments[1]}),
+    refused = browser.js_async("""const done = arguments[arguments.length - 1];
+        fetch('/ui/api/op/poweroff', {method: 'POST', body: JSON.stringify({name: arguments[0]}),
               headers: {'Content-Type': 'application/json'}})
           .then(async r => done({status: r.status, doc: await r.json()}));""", name)
     assert refused["status"] == 403 and "CSRF" in refused["doc"]["message"]
-    st = browser.js_async("""const done = arguments[0];
-        fetch('/ui/api/vms/' + arguments[1]).then(r => r.json()).then(d => done(d.status));""",
+    st = browser.js_async("""const done = arguments[arguments.length - 1];
+        fetch('/ui/api/vms/' + arguments[0]).then(r => r.json()).then(d => done(d.status));""",
                           name)
     assert st["state"] == "running"                  # the power-off did not happen
 

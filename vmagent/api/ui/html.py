@@ -275,7 +275,7 @@ def new_vm(session: Session, images: list[str], templates: list[str],
         return (f'<label class="inline"><input type="radio" name="source" value="{value}"'
                 f'{checked}> {label}</label>')
 
-    body = (f'<h1>New VM</h1>{message(error)}'
+    body = (f'<h1>New VM</h1>{message(error)}<div class="create">'
             f'<form method="post" action="/ui/new" id="create" class="card">'
             f'{csrf_field(session)}'
             + field("name", "Name", "letters, digits and '-'", required="required",
@@ -286,11 +286,12 @@ def new_vm(session: Session, images: list[str], templates: list[str],
             f'{_options(images, f.get("image"))}</select>'
             f'<label for="template">Template</label><select id="template" name="template">'
             f'{_options(templates, f.get("template"))}</select></fieldset>'
-            + field("cpus", "CPUs", "default: the image's or template's", type="number",
-                    min="1", max="64")
-            + field("memory", "Memory", "e.g. 2G or 512M", placeholder="2G")
-            + field("disk", "Disk", "e.g. 20G (never smaller than the image)",
-                    placeholder="20G")
+            + '<div class="row3"><div>'
+            + field("cpus", "CPUs", "default: the image's", type="number", min="1",
+                    max="64")
+            + '</div><div>' + field("memory", "Memory", "e.g. 2G, 512M", placeholder="2G")
+            + '</div><div>' + field("disk", "Disk", "at least the image's",
+                                    placeholder="20G") + '</div></div>'
             + f'<label for="segment">Segment</label><select id="segment" name="segment">'
             f'<option value="">default of the agent</option>'
             f'{_options(SEGMENTS, f.get("segment"))}</select>'
@@ -306,7 +307,7 @@ def new_vm(session: Session, images: list[str], templates: list[str],
             + "".join(f'<li data-phase="{k}"><span class="mark" aria-hidden="true">·</span>'
                       f' {e(label)} <span class="t"></span></li>' for k, label in views.PHASES)
             + '</ol><p class="hint">console: <code id="p-line"></code></p>'
-            '<p id="p-result" role="status" aria-live="polite"></p></section>')
+            '<p id="p-result" role="status" aria-live="polite"></p></section></div>')
     return page("New VM", body, session, scripts=[f"{STATIC}/app/create.js"])
 
 

@@ -186,7 +186,8 @@ class WebUI:
         return resp
 
     async def login_page(self, request: web.Request) -> web.StreamResponse:
-        if self._session(request) is not None:
+        session = self._session(request)
+        if session is not None and session.vnc_only is None:
             return redirect(PREFIX + "/")
         return self._login_form(request)
 

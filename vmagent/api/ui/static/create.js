@@ -35,6 +35,7 @@ form.addEventListener('submit', async (ev) => {
   const button = document.getElementById('create-submit');
   button.disabled = true;
   progress.hidden = false;
+  progress.scrollIntoView({block: 'nearest'});
   document.getElementById('p-name').textContent = name;
   for (const li of progress.querySelectorAll('li')) {
     delete li.dataset.done; li.className = '';
