@@ -133,6 +133,20 @@ class Browser:
         self.find("form[action='/ui/logout'] button").click()
         self.wait(lambda: self.finds("#token"), message="the sign-in form")
 
+    def page_figures(self) -> dict:
+        """What the current page cost: bytes over the wire and decoded, requests, first
+        contentful paint (ms from navigation start)."""
+        return self.js("""
+            const nav = performance.getEntriesByType('navigation')[0];
+            const res = performance.getEntriesByType('resource');
+            const paint = performance.getEntriesByType('paint')
+                .find(p => p.name === 'first-contentful-paint');
+            return {bytes: nav.transferSize + res.reduce((s, r) => s + r.transferSize, 0),
+                    decoded: nav.decodedBodySize + res.reduce((s, r) => s + r.decodedBodySize, 0),
+                    requests: 1 + res.length,
+                    first_contentful_paint_ms: paint ? Math.round(paint.startTime) : null,
+                    dom_content_loaded_ms: Math.round(nav.domContentLoadedEventEnd)};""")
+
     def canvas_stats(self) -> dict:
         """The noVNC canvas: size, distinct colours in a sample, and a digest."""
         return self.js("""

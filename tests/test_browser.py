@@ -104,16 +104,7 @@ def test_sign_in_see_the_vm_and_its_screen_in_novnc(session_agent, browser, peop
     row = browser.wait(lambda: browser.finds(f"tr[data-vm='{name}']"), message="the row")[0]
     browser.wait(lambda: "running" in row.text, message="running in the list")
     assert "link up" in row.text and ALICE in row.text and f"vmctl ssh {name}" in row.text
-    # figures of the list page: weight of everything it loaded, first paint
-    FIGURES["list"] = browser.js("""
-        const nav = performance.getEntriesByType('navigation')[0];
-        const res = performance.getEntriesByType('resource');
-        const paint = performance.getEntriesByType('paint')
-            .find(p => p.name === 'first-contentful-paint');
-        return {bytes: nav.transferSize + res.reduce((s, r) => s + r.transferSize, 0),
-                decoded: nav.decodedBodySize + res.reduce((s, r) => s + r.decodedBodySize, 0),
-                requests: 1 + res.length, first_contentful_paint_ms: paint && paint.startTime,
-                dom_content_loaded_ms: nav.domContentLoadedEventEnd};""")
+    FIGURES["list"] = browser.page_figures()     # weight of the list page, first paint
     browser.shot("list")
     browser.find(f"tr[data-vm='{name}'] a").click()
     browser.wait(lambda: browser.finds("#do-reboot"), message="the VM page")
@@ -127,6 +118,9 @@ def test_sign_in_see_the_vm_and_its_screen_in_novnc(session_agent, browser, peop
     stats = browser.wait(lambda: (s := browser.canvas_stats()) and s["colours"] > 1 and s,
                          timeout=60, message="a non-uniform canvas")
     assert stats["width"] >= 640 and stats["height"] >= 400, stats
+    FIGURES["vnc_page"] = browser.page_figures()
+    FIGURES["vnc_page"]["connected_ms"] = int(browser.find("#screen").get_attribute(
+        "data-connected"))                       # from navigation to the RFB handshake
     # the guest's login prompt, read through its serial console
     assert "login:" in serial_login_prompt(session_agent, name)
     browser.shot("vnc")
@@ -155,6 +149,7 @@ def test_the_serial_console_echoes_what_is_typed(browser, people, alice_vm):
     browser.wait(lambda: browser.term_text().rstrip().endswith("login: uiecho"), timeout=30,
                  message="the user name echoed by the guest")
     browser.shot("console")
+    FIGURES["console_page"] = browser.page_figures()
     textarea.send_keys("\x15")                      # Ctrl-U: the line is taken back
 
 
@@ -294,3 +289,24 @@ def test_the_list_is_usable_at_phone_width(session_agent, people, alice_vm):
         phone.shot("list-phone")
     finally:
         phone.quit()
+
+
+def test_the_api_vnc_stream_speaks_rfb(session_agent, people, alice_vm):
+    """The ``vnc`` operation for programs: a websocket with a bearer token, RFB inside."""
+    import asyncio
+
+    import aiohttp
+    name = alice_vm["name"]
+
+    async def greet(token: str) -> tuple[int | None, bytes]:
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.ws_connect(f"{session_agent.http}/v1/vms/{name}/vnc",
+                                        headers={"Authorization": f"Bearer {token}"}) as ws:
+                    msg = await asyncio.wait_for(ws.receive(), 30)
+                    return 101, msg.data
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status, b""
+    status, data = asyncio.run(greet(people[ALICE]))
+    assert status == 101 and data.startswith(b"RFB 003."), data
+    assert asyncio.run(greet(people[BOB]))[0] == 403

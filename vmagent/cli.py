@@ -26,6 +26,15 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _public_url(value: str) -> str:
+    from urllib.parse import urlsplit
+    u = urlsplit(value)
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") \
+            or u.query or u.fragment:
+        raise argparse.ArgumentTypeError(f"expected http(s)://HOST[:PORT], got {value!r}")
+    return value.rstrip("/")
+
+
 def _state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=os.environ.get("VMAGENT_STATE_DIR",
                                                          DEFAULT_STATE_DIR))
@@ -47,7 +56,7 @@ def _serve_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", metavar="FILE", help="serve the TCP listener (API and "
                    "web UI) over TLS with this certificate chain (PEM); with --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    p.add_argument("--public-url", metavar="URL", help="where browsers reach the TCP "
+    p.add_argument("--public-url", metavar="URL", type=_public_url, help="where browsers reach the TCP "
                    "listener, for the links of 'vmctl ui' and 'vmctl vnc' (default: "
                    "from --listen)")
     p.add_argument("--novnc-dir", metavar="DIR", help="noVNC's files (default: "

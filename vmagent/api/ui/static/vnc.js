@@ -16,7 +16,7 @@ function connect() {
   rfb.focusOnClick = true;
   rfb.addEventListener('connect', () => {
     status.textContent = 'connected';
-    el.dataset.connected = '1';
+    el.dataset.connected = String(Math.round(performance.now()));   // ms after navigation
   });
   rfb.addEventListener('disconnect', (ev) => {
     delete el.dataset.connected;
