@@ -110,10 +110,15 @@ class Browser:
         except Exception:  # noqa: BLE001
             return ""
 
-    def shot(self, name: str) -> Path:
+    def shot(self, name: str, css: str | None = None) -> Path:
+        """A screenshot of the window (or of one element: ``body`` is the page cut to
+        its content, as docs/img/ shows it)."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
-        self.driver.save_screenshot(str(path))
+        if css:
+            self.find(css).screenshot(str(path))
+        else:
+            self.driver.save_screenshot(str(path))
         return path
 
     def console_errors(self) -> list[str]:

@@ -94,7 +94,9 @@ def serial_login_prompt(agent, name: str, timeout: float = 120) -> str:
 
 
 def _state(browser: Browser) -> str:
-    return browser.text("#state")
+    """The state the VM page shows (read in one go: the poll replaces the element)."""
+    return browser.js("const e = document.getElementById('state');"
+                      "return e ? e.textContent.trim() : '';")
 
 
 def test_sign_in_see_the_vm_and_its_screen_in_novnc(session_agent, browser, people,
@@ -106,11 +108,13 @@ def test_sign_in_see_the_vm_and_its_screen_in_novnc(session_agent, browser, peop
     assert "link up" in row.text and ALICE in row.text and f"vmctl ssh {name}" in row.text
     FIGURES["list"] = browser.page_figures()     # weight of the list page, first paint
     browser.shot("list")
+    browser.shot("page-list", "body")
     browser.find(f"tr[data-vm='{name}'] a").click()
     browser.wait(lambda: browser.finds("#do-reboot"), message="the VM page")
     browser.wait(lambda: browser.finds("#snapshots table, #snapshots .empty"))
     assert "test" in browser.text("#spec") and ALICE in browser.text("#status")
     browser.shot("vm")
+    browser.shot("page-vm", "body")
     browser.find("#open-vnc").click()
     browser.wait(lambda: browser.find("#screen").get_attribute("data-connected"),
                  timeout=60, message="noVNC connected")
@@ -124,6 +128,7 @@ def test_sign_in_see_the_vm_and_its_screen_in_novnc(session_agent, browser, peop
     # the guest's login prompt, read through its serial console
     assert "login:" in serial_login_prompt(session_agent, name)
     browser.shot("vnc")
+    browser.shot("page-vnc", "body")
     # typing into noVNC reaches the guest: its tty1 echoes and the canvas changes
     before = browser.canvas_stats()["hash"]
     t0 = time.monotonic()
@@ -283,7 +288,11 @@ def test_the_list_is_usable_at_phone_width(session_agent, people, alice_vm):
     require_browser()
     phone = Browser(f"http://127.0.0.1:{session_agent.port}", width=390, height=844)
     try:
+        # a phone's viewport (a headless window is at least 500 px wide)
+        phone.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
         phone.sign_in(people[ALICE])
+        assert phone.js("return window.innerWidth") == 390
         phone.wait(lambda: alice_vm["name"] in phone.text("#vms"))
         assert phone.js("return document.documentElement.scrollWidth <= window.innerWidth")
         phone.shot("list-phone")
