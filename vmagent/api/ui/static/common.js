@@ -50,13 +50,13 @@ export function swap(el, html) {
 
 // call fn every ms milliseconds, never two at once; slower while the tab is hidden
 export function poll(fn, ms) {
-  let timer = null;
+  let timer = null, stopped = false;
   const run = async () => {
     try { await fn(); } catch (e) { console.warn(e); }
-    timer = setTimeout(run, document.hidden ? ms * 5 : ms);
+    if (!stopped) timer = setTimeout(run, document.hidden ? ms * 5 : ms);
   };
   run();
-  return () => clearTimeout(timer);
+  return () => { stopped = true; clearTimeout(timer); };   // also from inside fn
 }
 
 export function wsURL(path) {

@@ -52,8 +52,9 @@ form.addEventListener('submit', async (ev) => {
       button.disabled = false;
       if (stop) stop();
     });
+  let done = false;
   stop = poll(async () => {
-    if (failed) return;
+    if (failed || done) return;
     let doc;
     try { doc = await get(`/ui/api/vms/${encodeURIComponent(name)}`); } catch (e) { return; }
     const ph = doc.phases;
@@ -67,6 +68,7 @@ form.addEventListener('submit', async (ev) => {
     if (doc.status.state === 'broken') {
       result.textContent = `${name} is broken: ${doc.status.reason || 'qemu exited'}`;
       result.className = 'msg error';
+      done = true;
       stop();
     } else if (created && ph.ssh && ph.cloud_init) {
       result.innerHTML = '';
@@ -78,6 +80,7 @@ form.addEventListener('submit', async (ev) => {
       result.append(a, ': ', code);
       result.className = 'msg ok';
       button.disabled = false;
+      done = true;
       stop();
     }
   }, 1000);
