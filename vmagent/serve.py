@@ -7,7 +7,9 @@ Who can reach the agent: its unix socket is 0660, owned by root and the socket g
 (``--socket-group``, default ``vmagent``, made by ``scripts/setup``); the state dir lets
 that group through to the socket (mode 0710) and nothing more: VM run dirs, images,
 keys, tokens and the audit log stay readable by root only. TCP (``--listen``) needs a
-bearer token: the token store's (``vmagent token add``) or the ``--token-file``'s.
+bearer token: the token store's (``vmagent token add``) or the ``--token-file``'s; it
+also serves the web UI at ``/ui/`` (browser sessions, docs/browser.md), over TLS with
+``--tls-cert/--tls-key``.
 """
 
 from __future__ import annotations
