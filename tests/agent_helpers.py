@@ -102,7 +102,7 @@ class AgentProcess:
             if select.select([self.proc.stdout], [], [], 0.2)[0]:
                 line = self.proc.stdout.readline().decode()
                 if "ready" in line:
-                    if m := re.search(r"http://127\.0\.0\.1:(\d+)", line):
+                    if m := re.search(r"https?://127\.0\.0\.1:(\d+)", line):
                         self.port = int(m.group(1))
                     return self
         self.stop()

@@ -114,3 +114,14 @@ def test_unknown_host_without_config(tmp_path):
 
 def test_token_file_relative_to_config(cfg, tmp_path):
     assert cfg.hosts["ci"].token_file == Path(tmp_path / "ci.token")
+
+
+def test_https_addresses():
+    from vmctl.address import parse_address
+    a = parse_address("https://agent.example:8443")
+    assert (a.scheme, a.host, a.port, str(a)) == ("https", "agent.example", 8443,
+                                                  "https://agent.example:8443")
+    assert parse_address("https://agent.example").port == 443
+    assert parse_address("https://127.0.0.1:1").is_local
+    with pytest.raises(ConfigError, match="only https://HOST:PORT"):
+        parse_address("https://agent.example:8443/v1")

@@ -102,7 +102,7 @@ def test_bad_address_is_a_one_line_error(clean_env):
     result = CliRunner().invoke(cli, ["--host", "ftp://x", "list"])
     assert result.exit_code == 1
     assert result.stderr == "vmctl: address 'ftp://x': unknown scheme 'ftp' (use unix, " \
-                            "http or ssh)\n"
+                            "http, https or ssh)\n"
 
 
 def test_version(clean_env):

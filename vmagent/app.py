@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmagent.api.access import access_guard
+from vmagent.api.activity import Activity
 from vmagent.api.audit import AuditLog, AuditService, audit_guard
 from vmagent.api.dispatch import Dispatcher, Handler, disk_full_guard, lock_guard
+from vmagent.api.links import LinkService, LinkTokens
 from vmagent.api.tokens import TokenStore
 from vmagent.identity.keys import KeyRegistry, KeysDir, KeysURL
 from vmagent.identity.keyservice import KeyService
@@ -34,6 +36,7 @@ from vmagent.templates.service import TemplateService
 from vmagent.templates.store import TemplateStore
 from vmagent.templates.warm import WarmCreator
 from vmagent.vms.create import Creator
+from vmagent.vms.history import History
 from vmagent.vms.host import HostService
 from vmagent.vms.launcher import Launcher, PortAllocator
 from vmagent.vms.lifecycle import Lifecycle, Timeouts
@@ -99,11 +102,15 @@ class Agent:
         self.host_ops = HostService(self.registry, self.host, state_dir)
         self.streams = VMStreams(self.registry)
         self.watcher = Watcher(self.registry, self.lifecycle)
+        # the browser: sign-in links (vmctl ui, vmctl vnc) and what each VM is doing
+        self.links = LinkService(LinkTokens(), lambda n: self.registry.find(n) is not None)
+        self.activity = Activity()
         # outermost first: every change is audited (refusals too), the permission is
         # checked before an operation waits for its VM's lock
         self.dispatcher = Dispatcher(self.handlers(), [
             audit_guard(self.audit), disk_full_guard(state_dir),
-            access_guard(self.people), lock_guard(self.registry.locked)])
+            access_guard(self.people), self.activity.guard(),
+            lock_guard(self.registry.locked)])
 
     def people(self, name: str) -> tuple[str | None, list[str]] | None:
         """Who may operate the VM ``name`` besides the operators (None: no such VM)."""
@@ -135,6 +142,8 @@ class Agent:
             "template_show": tpl.show, "template_remove": tpl.remove,
             "key_list": keys.list, "key_add": keys.add, "key_remove": keys.remove,
             "host_log": AuditService(self.audit).read,
+            "events": History(self.registry).events,
+            "vnc_link": self.links.vnc_link, "ui_link": self.links.ui_link,
         }
         # every stream row opens what its row names (vmagent/vms/streams.py)
         for op in OPERATIONS:

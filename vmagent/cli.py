@@ -26,6 +26,15 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _public_url(value: str) -> str:
+    from urllib.parse import urlsplit
+    u = urlsplit(value)
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") \
+            or u.query or u.fragment:
+        raise argparse.ArgumentTypeError(f"expected http(s)://HOST[:PORT], got {value!r}")
+    return value.rstrip("/")
+
+
 def _state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=os.environ.get("VMAGENT_STATE_DIR",
                                                          DEFAULT_STATE_DIR))
@@ -44,6 +53,16 @@ def _serve_args(sub: argparse._SubParsersAction) -> None:
                         "port, printed in the ready line)")
     p.add_argument("--token-file", help="a file with one operator token for TCP (mode "
                    "0600), besides the tokens of 'vmagent token'")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve the TCP listener (API and "
+                   "web UI) over TLS with this certificate chain (PEM); with --tls-key")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--public-url", metavar="URL", type=_public_url, help="where browsers reach the TCP "
+                   "listener, for the links of 'vmctl ui' and 'vmctl vnc' (default: "
+                   "from --listen)")
+    p.add_argument("--novnc-dir", metavar="DIR", help="noVNC's files (default: "
+                   "/usr/share/novnc, from Debian's novnc package)")
+    p.add_argument("--xterm-dir", metavar="DIR", help="xterm.js's npm packages (default: "
+                   "/usr/local/share/vmagent/web/node_modules/@xterm)")
     p.add_argument("--keys-url", metavar="URL", help="where people's SSH keys are when "
                    "the keys directory has none, e.g. https://keys.example.org/{user}.keys")
     p.add_argument("--keys-ttl", type=float, default=300.0, metavar="SECONDS",

@@ -22,6 +22,7 @@ class Role(str, enum.Enum):
 class Transport(str, enum.Enum):
     UNIX = "unix"             # the agent's unix socket (local users, the SSH transport)
     TCP = "tcp"               # HTTP on a TCP listener (bearer tokens)
+    WEB = "web"               # the web UI on the TCP listener (a browser's session)
     INTERNAL = "internal"     # the agent itself (the watcher, a pool refill, tests)
 
 

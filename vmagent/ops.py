@@ -31,7 +31,7 @@ TARGET_PARAM = {"vm": "name", "image": "image", "template": "template", "user": 
 #   operator  operators only
 ACCESS = ("any", "owner", "self", "operator")
 # what a stream operation connects to (vmagent/vms/streams.py opens them)
-STREAMS = ("console", "ssh")
+STREAMS = ("console", "ssh", "vnc")
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -135,6 +135,9 @@ OPERATIONS: tuple[Operation, ...] = (
               params=("snapshot",), timeout=600.0),
     Operation("snapshots", "GET", _VM + "/snapshots", "List the VM's snapshots",
               target="vm"),
+    Operation("events", "GET", _VM + "/events",
+              "The VM's events (state changes), oldest first: the last limit of them",
+              target="vm", params=("limit",)),
     Operation("console_log", "GET", _VM + "/console/log",
               "The serial console log from byte offset on", target="vm",
               params=("offset", "tail")),
@@ -143,6 +146,16 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("tunnel", "GET", _VM + "/tunnel",
               "A TCP stream to the guest's SSH port (websocket)", target="vm",
               stream="ssh"),
+    # the browser (api/links.py, api/ui/): the screen, and links that sign a browser in
+    Operation("vnc", "GET", _VM + "/vnc",
+              "Attach to the VM's screen: RFB (VNC) over a websocket, as noVNC speaks it",
+              target="vm", stream="vnc"),
+    Operation("vnc_link", "POST", _VM + "/vnc/link",
+              "A short-lived, single-use link that opens the VM's noVNC console in a "
+              "browser (for this VM only)", target="vm", params=("ttl",)),
+    Operation("ui_link", "POST", "/ui/link",
+              "A short-lived, single-use link that signs a browser in to the web UI as "
+              "the caller", target="user", params=("ttl",)),
     Operation("image_list", "GET", "/images",
               "Images in the store and catalog entries available to pull", target="image"),
     Operation("image_import", "POST", "/images",

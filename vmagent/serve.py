@@ -7,7 +7,9 @@ Who can reach the agent: its unix socket is 0660, owned by root and the socket g
 (``--socket-group``, default ``vmagent``, made by ``scripts/setup``); the state dir lets
 that group through to the socket (mode 0710) and nothing more: VM run dirs, images,
 keys, tokens and the audit log stay readable by root only. TCP (``--listen``) needs a
-bearer token: the token store's (``vmagent token add``) or the ``--token-file``'s.
+bearer token: the token store's (``vmagent token add``) or the ``--token-file``'s; it
+also serves the web UI at ``/ui/`` (browser sessions, docs/browser.md), over TLS with
+``--tls-cert/--tls-key``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 from pathlib import Path
 
@@ -28,6 +31,9 @@ from aiohttp import web
 from vmagent import __version__
 from vmagent.api.auth import BearerTokens, UnixPeer
 from vmagent.api.server import AgentRunner, build_app
+from vmagent.api.ui import browser_url
+from vmagent.api.ui.assets import Assets
+from vmagent.api.ui.routes import WebUI
 from vmagent.app import Agent, Settings
 from vmagent.images.catalog import Catalog, default_catalog_dir
 from vmagent.spec import Defaults
@@ -104,6 +110,24 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """TLS for the TCP listener (``--tls-cert`` and ``--tls-key``, both or neither)."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise StartupError("--tls-cert and --tls-key go together: give both")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as e:
+        raise StartupError(f"TLS: {e.filename}: no such file") from None
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"TLS: cannot load the certificate {cert} with the key "
+                           f"{key}: {e}") from None
+    return ctx
+
+
 async def serve(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +137,9 @@ async def serve(args: argparse.Namespace) -> None:
     except BlockingIOError:
         raise StartupError(f"another vmagent is running with state dir {state_dir}") from None
     token = read_token_file(args.token_file) if args.token_file else None
+    tls = tls_context(getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    if tls is not None and not args.listen:
+        raise StartupError("--tls-cert/--tls-key are for the TCP listener: add --listen")
     sock_path = Path(args.socket) if args.socket else state_dir / "vmagent.sock"
     gid = socket_gid(args.socket_group)
     secure_state_dir(state_dir, sock_path, gid)
@@ -139,14 +166,25 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("listening on unix:%s", sock_path)
     if args.listen:
         host, port = args.listen
-        tcp = AgentRunner(build_app(agent.dispatcher, BearerTokens(agent.tokens, token)),
+        bearer = BearerTokens(agent.tokens, token)
+        # the web UI (/ui/) is a client of the same dispatcher, with browser sessions
+        ui = WebUI(agent.dispatcher, agent.links.tokens, agent.activity,
+                   identify=bearer.caller_of, still_valid=bearer.still_valid,
+                   assets=Assets.find(getattr(args, "novnc_dir", None),
+                                      getattr(args, "xterm_dir", None)),
+                   tls=tls is not None)
+        tcp = AgentRunner(build_app(agent.dispatcher, bearer, ui=ui.app()),
                             handle_signals=False, access_log=None)
         await tcp.setup()
-        await web.TCPSite(tcp, host, port).start()
+        await web.TCPSite(tcp, host, port, ssl_context=tls).start()
         runners.append(tcp)
         host, port = tcp.addresses[0][:2]         # port 0: the one the kernel chose
-        listening.append(f"http://{host}:{port}")
-        log.info("listening on http://%s:%d (bearer token required)", host, port)
+        scheme = "https" if tls else "http"
+        listening.append(f"{scheme}://{host}:{port}")
+        agent.links.base_url = getattr(args, "public_url", None) or \
+            browser_url(host, port, tls is not None)
+        log.info("listening on %s://%s:%d (bearer token required; web UI at %s/ui/)",
+                 scheme, host, port, agent.links.base_url)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

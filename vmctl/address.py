@@ -1,6 +1,8 @@
 """Agent addresses and which one a command talks to.
 
 Forms: ``unix:///path/to/vmagent.sock``, ``http://host:port`` (bearer token),
+``https://host[:port]`` (the same over TLS: an agent with ``--tls-cert``; a private CA's
+certificate in ``$VMCTL_CA_FILE``),
 ``ssh://user@host[:port][/path/to/vmagent.sock]`` (tunnelled to the agent's unix socket on
 that host; ``?agent_port=N`` tunnels to its loopback TCP port instead), and in
 ``VMCTL_AGENT`` also a bare port number meaning ``http://127.0.0.1:PORT``. A value without
@@ -39,12 +41,12 @@ class HostEntry(Protocol):
     def token(self) -> str | None: ...
 
 DEFAULT_SOCKET = "/var/lib/vmagent/vmagent.sock"
-SCHEMES = ("unix", "http", "ssh")
+SCHEMES = ("unix", "http", "https", "ssh")
 
 
 @dataclass(frozen=True)
 class Address:
-    scheme: str                      # unix | http | ssh
+    scheme: str                      # unix | http | https | ssh
     path: str | None = None          # unix: the socket; ssh: the agent's socket on the host
     host: str | None = None          # http/ssh
     port: int | None = None          # http: agent port; ssh: sshd port (None: 22/config)
@@ -54,8 +56,8 @@ class Address:
     def __str__(self) -> str:
         if self.scheme == "unix":
             return f"unix://{self.path}"
-        if self.scheme == "http":
-            return f"http://{_host_port(self.host, self.port)}"
+        if self.scheme in ("http", "https"):
+            return f"{self.scheme}://{_host_port(self.host, self.port)}"
         user = f"{self.user}@" if self.user else ""
         hp = _host_port(self.host, self.port)
         if self.agent_port is not None:
@@ -67,7 +69,7 @@ class Address:
         """The agent runs on this machine, so a VM's forwarded ports are reachable here."""
         if self.scheme == "unix":
             return True
-        if self.scheme == "http":
+        if self.scheme in ("http", "https"):
             return _is_loopback(self.host or "")
         return False
 
@@ -100,8 +102,8 @@ def parse_address(text: str) -> Address:
                           "ssh://USER@HOST[:PORT][/PATH]")
     scheme = text.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
-        raise ConfigError(f"address {text!r}: unknown scheme {scheme!r} (use unix, http "
-                          "or ssh)")
+        raise ConfigError(f"address {text!r}: unknown scheme {scheme!r} (use unix, http, "
+                          "https or ssh)")
     if scheme == "unix":
         path = unquote(text.split("://", 1)[1])
         if not path.startswith("/"):
@@ -120,12 +122,12 @@ def parse_address(text: str) -> Address:
         raise ConfigError(f"address {text!r} has no host")
     if u.fragment:
         raise ConfigError(f"address {text!r}: unexpected '#{u.fragment}'")
-    if scheme == "http":
-        if port is None:
+    if scheme in ("http", "https"):
+        if port is None and scheme == "http":
             raise ConfigError(f"address {text!r} needs a port (http://HOST:PORT)")
         if u.path not in ("", "/") or u.query or u.username:
-            raise ConfigError(f"address {text!r}: only http://HOST:PORT is supported")
-        return Address("http", host=u.hostname, port=port)
+            raise ConfigError(f"address {text!r}: only {scheme}://HOST:PORT is supported")
+        return Address(scheme, host=u.hostname, port=port if port is not None else 443)
     query = parse_qs(u.query, keep_blank_values=True)
     unknown = set(query) - {"agent_port"}
     if unknown:

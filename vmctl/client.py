@@ -51,6 +51,18 @@ def wait_for(op_name: str, params: dict[str, Any]) -> float:
     return op.timeout
 
 
+def tls_context() -> Any:
+    """Certificates of https:// agents are checked against the system's CAs, or the CA
+    file in ``$VMCTL_CA_FILE`` (for an agent with a certificate of a private CA)."""
+    import os
+    import ssl                     # late: only https:// addresses need it
+    ca = os.environ.get("VMCTL_CA_FILE")
+    try:
+        return ssl.create_default_context(cafile=os.path.expanduser(ca) if ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise CLIError(f"VMCTL_CA_FILE {ca}: {exc}", "bad_request") from None
+
+
 def _query_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -87,6 +99,9 @@ class AgentClient:
         path = self._unix_path()
         if path is not None:
             return _UnixHTTPConnection(path, timeout)
+        if self.address.scheme == "https":
+            return http.client.HTTPSConnection(self.address.host, self.address.port,
+                                               timeout=timeout, context=tls_context())
         return http.client.HTTPConnection(self.address.host, self.address.port,
                                           timeout=timeout)
 
@@ -141,6 +156,10 @@ class AgentClient:
             raise CLIError(f"the agent at {self.address} did not answer {op_name} within "
                            f"{timeout:g}s", "timeout") from None
         except (http.client.HTTPException, OSError) as exc:
+            if exc.__class__.__name__.startswith("SSL"):      # ssl.SSLError and kin
+                raise Unreachable(f"TLS with the agent at {self.address} failed: {exc} "
+                                  "(a private CA's certificate goes in VMCTL_CA_FILE)") \
+                    from None
             raise Unreachable(f"lost the connection to the agent at {self.address}: "
                               f"{exc.__class__.__name__}: {exc}") from None
         finally:
@@ -191,8 +210,9 @@ class AgentClient:
             connector = aiohttp.UnixConnector(path=unix)
             url = "http://vmagent" + path
         else:
-            connector = aiohttp.TCPConnector()
-            url = f"http://{self.address.host}:{self.address.port}" + path
+            tls = tls_context() if self.address.scheme == "https" else False
+            connector = aiohttp.TCPConnector(ssl=tls)
+            url = f"{self.address.scheme}://{self.address.host}:{self.address.port}" + path
         session = aiohttp.ClientSession(connector=connector)
         try:
             ws = await session.ws_connect(url, headers=self.headers(), autoping=True,

@@ -91,16 +91,26 @@ class BearerTokens:
         self.store = store
         self._static = static_token.encode() if static_token else None
 
+    def caller_of(self, token: str) -> Caller | None:
+        """The caller a token stands for (None: no such token). The web UI's sign-in
+        uses it too."""
+        if self._static is not None and hmac.compare_digest(token.encode(), self._static):
+            return Caller("operator", Role.OPERATOR, token_id="token-file")
+        rec = self.store.lookup(token)
+        if rec is not None:
+            return Caller(rec.user, Role(rec.role), token_id=rec.id)
+        return None
+
+    def still_valid(self, caller: Caller) -> bool:
+        """Whether the token a caller signed in with still counts (not revoked)."""
+        if caller.token_id is None or caller.token_id == "token-file":
+            return True
+        return self.store.active(caller.token_id)
+
     def authenticate(self, request: web.Request) -> RequestContext:
         given = bearer_token(request)
-        if given is not None:
-            if self._static is not None and hmac.compare_digest(given.encode(),
-                                                                self._static):
-                return RequestContext(Caller("operator", Role.OPERATOR,
-                                             token_id="token-file"), Transport.TCP)
-            rec = self.store.lookup(given)
-            if rec is not None:
-                return RequestContext(Caller(rec.user, Role(rec.role), token_id=rec.id),
-                                      Transport.TCP)
+        caller = self.caller_of(given) if given is not None else None
+        if caller is not None:
+            return RequestContext(caller, Transport.TCP)
         raise Unauthorized("a valid bearer token is required "
                            "(Authorization: Bearer <token>)")

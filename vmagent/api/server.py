@@ -28,6 +28,18 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 CONTEXT_KEY = "vmagent.context"
+UI_PREFIX = "/ui"        # the web UI (api/ui/), mounted on the TCP listener
+
+
+UI_KEY = web.AppKey("vmagent.ui", bool)
+
+
+def _ui(request: web.Request) -> bool:
+    """A request for the web UI (on an app that has one): the UI's own middlewares
+    answer it (sessions instead of bearer tokens, HTML errors)."""
+    path = request.path
+    return bool(request.config_dict.get(UI_KEY)) and (
+        path in ("/", UI_PREFIX) or path.startswith(UI_PREFIX + "/"))
 
 
 def _error(err: VMAgentError) -> web.Response:
@@ -36,6 +48,8 @@ def _error(err: VMAgentError) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    if _ui(request):                   # the web UI answers its own errors (HTML)
+        return await handler(request)
     try:
         return await handler(request)
     except VMAgentError as e:
@@ -61,6 +75,8 @@ async def errors_middleware(request: web.Request, handler: Callable) -> web.Stre
 def auth_middleware(auth: Authenticator) -> Callable:
     @web.middleware
     async def identify(request: web.Request, handler: Callable) -> web.StreamResponse:
+        if _ui(request):               # browsers sign in with a session (api/ui/)
+            return await handler(request)
         request[CONTEXT_KEY] = auth.authenticate(request)
         return await handler(request)
     return identify
@@ -144,11 +160,21 @@ async def pipe(ws: web.WebSocketResponse, stream: Stream) -> None:
         await ws.close()
 
 
-def build_app(dispatcher: Dispatcher, auth: Authenticator) -> web.Application:
+def build_app(dispatcher: Dispatcher, auth: Authenticator,
+              ui: web.Application | None = None) -> web.Application:
+    """The API app; with ``ui``, the web UI is mounted at ``/ui/`` (and ``/`` leads
+    there)."""
     app = web.Application(middlewares=[errors_middleware, auth_middleware(auth)],
                           client_max_size=MAX_BODY)
     for op in OPERATIONS:
         app.router.add_route(op.method, op.url_path, _handler(dispatcher, op), name=op.name)
+    if ui is not None:
+        async def to_ui(request: web.Request) -> web.Response:
+            return web.Response(status=303, headers={"Location": UI_PREFIX + "/"})
+        app.router.add_get("/", to_ui)
+        app.router.add_get(UI_PREFIX, to_ui)
+        app.add_subapp(UI_PREFIX + "/", ui)
+        app[UI_KEY] = True
     return app
 
 

@@ -82,6 +82,10 @@ class TokenStore:
             return None
         return rec
 
+    def active(self, token_id: str) -> bool:
+        """Whether the token with this id exists (a revoked one does not)."""
+        return token_id in self._records()
+
     # --- changing (``vmagent token``, as root on the host) ----------------------------
 
     @contextlib.contextmanager

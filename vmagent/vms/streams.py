@@ -1,6 +1,6 @@
 """What a stream operation connects to (the ``stream`` of its row in ``vmagent/ops.py``):
-the serial console's unix socket, the guest's forwarded SSH port. A new stream (the VNC
-socket, another guest port) is one entry here and one row in the table."""
+the serial console's unix socket, the guest's forwarded SSH port, the VNC socket (the
+screen). A new stream (another guest port) is one entry here and one row in the table."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ async def _console(vm: VM) -> Stream:
     return await _unix(vm, rundir.CONSOLE_SOCK)
 
 
+async def _vnc(vm: VM) -> Stream:
+    return await _unix(vm, rundir.VNC_SOCK)
+
+
 async def _ssh(vm: VM) -> Stream:
     return Stream(*await asyncio.open_connection("127.0.0.1", vm.rec.rt.ssh_port))
 
@@ -41,6 +45,7 @@ async def _ssh(vm: VM) -> Stream:
 OPENERS: dict[str, Callable[[VM], Awaitable[Stream]]] = {
     "console": _console,
     "ssh": _ssh,
+    "vnc": _vnc,
 }
 
 
