@@ -161,7 +161,8 @@ async def serve(args: argparse.Namespace) -> None:
     await web.UnixSite(runner, str(sock_path)).start()
     if gid is not None:
         os.chown(sock_path, os.geteuid(), gid)
-    os.chmod(sock_path, 0o660 if gid is not None else 0o600)
+    # a per-user agent's socket is its user's alone
+    os.chmod(sock_path, 0o660 if gid is not None or os.geteuid() == 0 else 0o600)
     runners.append(runner)
     log.info("listening on unix:%s", sock_path)
     if args.listen:
