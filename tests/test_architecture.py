@@ -18,14 +18,17 @@ HELPERS = {"vmagent", "vmagent.ops", "vmagent.spec", "vmagent.errors", "vmagent.
 LAYERS = {
     "vmagent.qemu": set(),
     "vmagent.identity": set(),
+    "vmagent.alloc": set(),
     "vmagent.images": {"vmagent.qemu", "vmagent.identity"},
-    "vmagent.vms": {"vmagent.qemu", "vmagent.identity", "vmagent.images"},
+    "vmagent.vms": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.alloc"},
     "vmagent.templates": {"vmagent.qemu", "vmagent.identity", "vmagent.images",
-                          "vmagent.vms"},
+                          "vmagent.vms", "vmagent.alloc"},
     "vmagent.api": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.vms",
-                    "vmagent.templates"},
+                    "vmagent.templates", "vmagent.alloc"},
 }
-CONTRACT = {"vmagent.ops", "vmagent.spec", "vmagent.errors", "vmagent.context"}
+# the pure parts of allocation are contract too: vmctl sizes and places requests with them
+CONTRACT = {"vmagent.ops", "vmagent.spec", "vmagent.errors", "vmagent.context",
+            "vmagent.alloc.sizing", "vmagent.alloc.placement"}
 
 
 def _module(path: Path) -> str:

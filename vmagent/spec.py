@@ -37,6 +37,7 @@ MAX_MEMORY = 1 << 40
 MIN_DISK = 1 << 30
 MAX_DISK = 64 << 40
 MAX_CPUS = 64
+MAX_GPUS = 8
 
 
 def parse_size(value: Any, what: str = "size") -> int:
@@ -161,6 +162,7 @@ class VMSpec:
     ram_guarantee: int | None = None   # bytes
     ram_limit: int | None = None       # bytes
     segment: str | None = None
+    gpus: int | None = None            # PCI GPUs passed through (segment gpu-dev)
 
     FIELDS = ()  # filled below
 
@@ -223,6 +225,12 @@ class VMSpec:
                 raise BadRequest(f"segment: {str(data['segment'])[:40]!r} is not one of "
                                  f"{', '.join(SEGMENTS)}")
             spec.segment = data["segment"]
+        if data.get("gpus") is not None:
+            gpus = data["gpus"]
+            if isinstance(gpus, bool) or not isinstance(gpus, int) and not (
+                    isinstance(gpus, str) and gpus.isdigit()):
+                raise BadRequest(f"gpus: expected a whole number, got {gpus!r}")
+            spec.gpus = int(_number(int(gpus), "gpus", 0, MAX_GPUS))
         spec.check_allocation()
         return spec
 
