@@ -116,6 +116,9 @@ def normalize(text: str, agent: AgentProcess) -> str:
     text = re.sub(r"hostfwd=tcp:127\.0\.0\.1:\d+-", "hostfwd=tcp:127.0.0.1:PORT-", text)
     text = re.sub(r"guid=[0-9a-f-]{36}", "guid=GUID", text)
     text = re.sub(r"(instance-id: [a-z0-9-]+?)-[0-9a-f]{8,}", r"\1-ID", text)
+    # the agent's name defaults to the hostname; its cgroup parent to one of its state dir
+    text = re.sub(r'"host": "[^"]*"', '"host": "HOST"', text)
+    text = re.sub(r"/vmagent-[0-9a-f]{8}/", "/vmagent-STATE/", text)
     return text
 
 

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmagent.alloc.config import AgentConfig, CgroupConfig
+from vmagent.alloc.service import Allocator
 from vmagent.api.access import access_guard
 from vmagent.api.activity import Activity
 from vmagent.api.audit import AuditLog, AuditService, audit_guard
@@ -63,6 +65,12 @@ class Settings:
     keys_url: str | None = None        # a URL template for people's keys ({user})
     keys_ttl: float = 300.0            # how long fetched keys are used before a refetch
     allow_local_urls: bool = False     # pulls may reach loopback and private addresses
+    # the agent's config file (vmagent/alloc/config.py): name, segments, capacity,
+    # cgroups, GPUs; its [defaults] are ``defaults``. `vmagent serve` reads the file
+    # (cgroups: auto); an agent built in code without one leaves the host's cgroups
+    # alone (the tests' stub agents), unless its config asks for them
+    config: AgentConfig = field(default_factory=lambda: AgentConfig(
+        cgroup=CgroupConfig(mode="none")))
 
 
 class Agent:
@@ -85,10 +93,15 @@ class Agent:
                                  allow_local_urls=settings.allow_local_urls)
         self.pulls = Pulls(self.images, self.jobs)
         self.ports = PortAllocator(lambda: (vm.rec.rt.ssh_port for vm in self.registry))
-        self.launcher = Launcher(self.registry, self.images, self.host, self.ports)
+        # guarantees reserved, limits enforced (cgroups), GPUs (docs/allocation.md)
+        self.alloc = Allocator(settings.config, state_dir, settings.defaults,
+                               lambda: iter(self.registry))
+        self.registry.hooks.append(self.alloc.on_state)
+        self.launcher = Launcher(self.registry, self.images, self.host, self.ports,
+                                 self.alloc)
         self.provisioner = Provisioner(self.store, self.ports)
         self.creator = Creator(self.registry, self.provisioner, self.launcher, self.images,
-                               settings.defaults, self.keys, self.pulls)
+                               settings.defaults, self.keys, self.pulls, self.alloc)
         self.lifecycle = Lifecycle(self.registry, self.launcher, settings.timeouts)
         self.templates = TemplateService(TemplateStore(state_dir / "templates"),
                                          self.registry, self.creator, self.host,
@@ -99,7 +112,7 @@ class Agent:
         self.builds = Builds(state_dir, self.images, settings.catalog, self.jobs)
         self.image_ops = ImageService(self.images, self.builds, self.pulls, self.host,
                                       state_dir, users=self.image_users)
-        self.host_ops = HostService(self.registry, self.host, state_dir)
+        self.host_ops = HostService(self.registry, self.host, state_dir, self.alloc)
         self.streams = VMStreams(self.registry)
         self.watcher = Watcher(self.registry, self.lifecycle)
         # the browser: sign-in links (vmctl ui, vmctl vnc) and what each VM is doing

@@ -43,6 +43,9 @@ def _state_dir(p: argparse.ArgumentParser) -> None:
 def _serve_args(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the agent in the foreground")
     _state_dir(p)
+    p.add_argument("--config", metavar="FILE", help="the agent's config file: name, "
+                   "segments, capacity, defaults, cgroups, GPUs (default $VMAGENT_CONFIG, "
+                   "else /etc/vmagent/agent.toml if it exists; docs/allocation.md)")
     p.add_argument("--socket", help="unix socket path (default STATE_DIR/vmagent.sock)")
     p.add_argument("--socket-group", help="group that may use the socket (default "
                    "vmagent; missing: only root)")

@@ -29,6 +29,7 @@ from pathlib import Path
 from aiohttp import web
 
 from vmagent import __version__
+from vmagent.alloc import config as agent_config
 from vmagent.api.auth import BearerTokens, UnixPeer
 from vmagent.api.server import AgentRunner, build_app
 from vmagent.api.ui import browser_url
@@ -36,7 +37,6 @@ from vmagent.api.ui.assets import Assets
 from vmagent.api.ui.routes import WebUI
 from vmagent.app import Agent, Settings
 from vmagent.images.catalog import Catalog, default_catalog_dir
-from vmagent.spec import Defaults
 
 log = logging.getLogger("vmagent")
 
@@ -144,7 +144,12 @@ async def serve(args: argparse.Namespace) -> None:
     gid = socket_gid(args.socket_group)
     secure_state_dir(state_dir, sock_path, gid)
     catalog = Catalog.load(args.catalog or default_catalog_dir())
-    agent = Agent(Settings(state_dir=state_dir, catalog=catalog, defaults=Defaults(),
+    try:
+        config = agent_config.load(getattr(args, "config", None))
+    except agent_config.ConfigError as e:
+        raise StartupError(str(e)) from None
+    agent = Agent(Settings(state_dir=state_dir, catalog=catalog, defaults=config.defaults,
+                           config=config,
                            qemu_binary=args.qemu, accel_override=args.accel,
                            keys_url=args.keys_url, keys_ttl=args.keys_ttl,
                            allow_local_urls=args.allow_local_urls))

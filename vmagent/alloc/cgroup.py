@@ -129,6 +129,15 @@ def _pids(path: Path) -> set[int]:
     return {int(p) for p in text.split() if p.isdigit()}
 
 
+def _alive(pid: int) -> bool:
+    """(A test's tree keeps the pids written into it: those that exited count as gone.)"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
 def _is_cgroupfs(path: Path) -> bool:
     """Whether ``path`` is on a mounted cgroup file system (not a test's directory)."""
     try:
@@ -155,7 +164,7 @@ def _rmdir(path: Path, real: bool) -> bool:
         if e.errno == errno.EBUSY:
             return False
         if e.errno == errno.ENOTEMPTY and not real:
-            if _pids(path / "cgroup.procs"):
+            if any(_alive(p) for p in _pids(path / "cgroup.procs")):
                 return False
             shutil.rmtree(path)
             return True

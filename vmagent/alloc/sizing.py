@@ -10,7 +10,8 @@ The rules (docs/allocation.md):
 - ``ram_guarantee``: given, else ``ram_limit`` (the whole VM is promised: a guest's RAM
   cannot be taken back from it without harm); above ``ram_limit`` is refused;
 - ``cpu_limit``: segments ``dev`` and ``gpu-dev`` have none (the host's cores; a given
-  one is refused); ``default``: given, else the vCPU count;
+  one is refused); ``default``: given, else the vCPU count (or the guarantee, if that
+  is more);
 - ``cpu_guarantee``: given, else the host's default (none by default: nothing is
   promised and the VM has the smallest CPU weight); at most 2 in ``dev``/``gpu-dev``
   (:meth:`VMSpec.check_allocation`);
@@ -122,7 +123,7 @@ def _cpu(out: VMSpec, rules: Rules) -> None:
                              "developer VM may use all of the host's cores); use segment "
                              "'default' for a VM with a CPU limit")
     elif out.cpu_limit is None:
-        out.cpu_limit = float(out.cpus)
+        out.cpu_limit = float(max(out.cpus, out.cpu_guarantee or 0))
     if out.cpu_guarantee is None and rules.cpu_guarantee > 0:   # None: nothing promised
         default = rules.cpu_guarantee
         out.cpu_guarantee = min(default, out.cpu_limit) if out.cpu_limit else default

@@ -86,12 +86,15 @@ class Machine:
     def alive(self) -> bool:
         return self.pid() is not None
 
-    async def launch(self, argv: list[str], timeout: float = LAUNCH_TIMEOUT) -> int:
-        """Start qemu (it daemonizes once its devices are set up) and return its pid."""
+    async def launch(self, argv: list[str], timeout: float = LAUNCH_TIMEOUT,
+                     prefix: list[str] = ()) -> int:
+        """Start qemu (it daemonizes once its devices are set up) and return its pid.
+        ``prefix`` runs first and execs qemu (it puts qemu into its cgroup:
+        :meth:`vmagent.alloc.cgroup.Cgroups.wrap`); errors name qemu's argv."""
         rundir.clear_runtime(self.run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=self.run_dir, stdin=asyncio.subprocess.DEVNULL,
+                *prefix, *argv, cwd=self.run_dir, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True)
         except OSError as e:

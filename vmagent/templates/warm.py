@@ -68,9 +68,10 @@ class WarmCreator:
         self.creator.check_new(given.name)
         accounts = await self.creator.accounts(ctx.caller.user, given)
         img = self.creator.images.resolve(tpl.image)
-        spec = apply_defaults(dataclasses.replace(given, image=tpl.image, cpus=tpl.cpus,
-                                                  memory=tpl.memory, disk=tpl.disk),
-                              self.creator.defaults, img.virtual_size)
+        # sized with the template's RAM and admitted (reserved) before anything is made
+        spec = apply_defaults(self.creator.allocate(dataclasses.replace(
+            given, image=tpl.image, cpus=tpl.cpus, memory=tpl.memory, disk=tpl.disk),
+            dry_run), self.creator.defaults, img.virtual_size)
         rt = self.creator.provisioner.new_runtime(spec.name, mac=tpl.mac)
         self.creator.own(rt, ctx, accounts)
         # the clone's host keys, in its seed for the next boots (unless the caller's

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmagent import faults
 from vmagent.context import RequestContext
@@ -31,13 +31,16 @@ from vmagent.vms.registry import VMRegistry
 from vmagent.vms.store import Runtime, VMRecord
 from vmagent.vms.vm import VM
 
+if TYPE_CHECKING:                     # pragma: no cover
+    from vmagent.alloc.service import Allocator
+
 log = logging.getLogger(__name__)
 
 
 class Creator:
     def __init__(self, registry: VMRegistry, provisioner: Provisioner, launcher: Launcher,
                  images: ImageStore, defaults: Defaults, keys: KeyRegistry,
-                 pulls: Pulls) -> None:
+                 pulls: Pulls, alloc: Allocator | None = None) -> None:
         self.registry = registry
         self.provisioner = provisioner
         self.launcher = launcher
@@ -45,6 +48,17 @@ class Creator:
         self.defaults = defaults
         self.keys = keys
         self.pulls = pulls
+        self.alloc = alloc
+
+    def allocate(self, spec: VMSpec, dry_run: bool) -> VMSpec:
+        """The spec with its allocation filled in (400 on nonsense), admitted on this
+        host: its guarantees are reserved from here on (409 with the numbers when they
+        do not fit; nothing is made). A dry run only checks."""
+        if self.alloc is None:
+            return spec
+        spec = self.alloc.size(spec)
+        self.alloc.admit(spec, dry_run)
+        return spec
 
     async def accounts(self, owner: str, spec: VMSpec,
                        previous: list[Account] | None = None,
@@ -76,6 +90,8 @@ class Creator:
     def dry_run(self, spec: VMSpec, rt: Runtime, image: Image, files: dict[str, bytes],
                 extra_argv: tuple[str, ...] = (), **more: Any) -> dict:
         rec = self.provisioner.record(spec, rt)
+        if self.alloc is not None:
+            more.setdefault("allocation", self.alloc.plan(spec))
         return {"dry_run": True, "spec": spec.to_dict(), "image": image.name, **more,
                 "argv": self.launcher.argv(rec, image, extra_argv),
                 "seed": {k: v.decode() for k, v in files.items()}}
@@ -111,6 +127,7 @@ class Creator:
         # the whole spec is checked before anything slow (an image pull) happens
         dataclasses.replace(spec, segment=spec.segment or
                             self.defaults.segment).check_allocation()
+        spec = self.allocate(spec, dry_run)
         accounts = await self.accounts(ctx.caller.user, spec)
         image = await self.image_for(spec.image or self.defaults.image, pull=not dry_run)
         spec = apply_defaults(spec, self.defaults, image.virtual_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmagent import __version__
 from vmagent.context import RequestContext
@@ -11,16 +12,23 @@ from vmagent.vms.registry import VMRegistry
 from vmagent.vms.state import State
 from vmagent.vms.status import host_capacity
 
+if TYPE_CHECKING:                     # pragma: no cover
+    from vmagent.alloc.service import Allocator
+
 
 class HostService:
-    def __init__(self, registry: VMRegistry, host: QemuHost, state_dir: Path) -> None:
+    def __init__(self, registry: VMRegistry, host: QemuHost, state_dir: Path,
+                 alloc: Allocator | None = None) -> None:
         self.registry = registry
         self.host = host
         self.state_dir = state_dir
+        self.alloc = alloc
 
     async def show(self, ctx: RequestContext) -> dict:
         running = [v for v in self.registry if v.rec.rt.state == State.RUNNING]
-        return {"version": __version__,
+        # name, segments, resources (total, allocatable, guaranteed, free), allocation
+        alloc = self.alloc.report() if self.alloc is not None else {}
+        return {**alloc, "version": __version__,
                 "accel": self.host.accel.to_json() if self.host.accel else None,
                 "qemu_version": self.host.version,
                 "capacity": host_capacity(self.state_dir),

@@ -1,7 +1,8 @@
 """Turning a VM's spec and runtime, its image and the host's accelerator into a running
 qemu: the argv (pure, :mod:`vmagent.qemu.argv`), the disk grown to the spec, the SSH
 port forward (another port when the chosen one was taken meanwhile), the state
-transitions of a start."""
+transitions of a start; with an allocator (:mod:`vmagent.alloc.service`), qemu starts
+inside the VM's cgroup, with its GPUs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import random
 import socket
 import time
-from typing import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from vmagent.errors import Conflict, VMLaunchFailure
 from vmagent.images.store import Image, ImageStore
@@ -21,6 +22,9 @@ from vmagent.vms.registry import VMRegistry
 from vmagent.vms.state import State
 from vmagent.vms.store import VMRecord
 from vmagent.vms.vm import VM
+
+if TYPE_CHECKING:                     # pragma: no cover
+    from vmagent.alloc.service import Allocator
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +73,12 @@ def machine_config(rec: VMRecord, image: Image, host: QemuHost) -> qargv.Machine
 
 class Launcher:
     def __init__(self, registry: VMRegistry, images: ImageStore, host: QemuHost,
-                 ports: PortAllocator) -> None:
+                 ports: PortAllocator, alloc: Allocator | None = None) -> None:
         self.registry = registry
         self.images = images
         self.host = host
         self.ports = ports
+        self.alloc = alloc
 
     def argv(self, rec: VMRecord, image: Image, extra: Iterable[str] = ()) -> list[str]:
         return qargv.build_argv(machine_config(rec, image, self.host)) + list(extra)
@@ -92,13 +97,17 @@ class Launcher:
         if rec.spec.disk > info["virtual-size"]:
             await disks.resize(disk, rec.spec.disk)
         rundir.clear_runtime(vm.run_dir)      # no pidfile: qemu has not run (yet)
+        # the VM's cgroup (with its limits) and GPUs, before qemu runs
+        prefix, devices = self.alloc.prepare(vm) if self.alloc else ([], [])
         self.registry.transition(vm, State.STARTING)
         faults.point("start.starting")
         for attempt in range(LAUNCH_ATTEMPTS):
-            argv = self.argv(rec, image, extra_argv)
+            argv = self.argv(rec, image, [*extra_argv, *devices])
             self.registry.store.save_argv(rec, argv)
             try:
-                await vm.launch(argv)
+                await vm.launch(argv, prefix)
+                if self.alloc:
+                    self.alloc.started(vm)
                 if restore is not None:
                     await restore(vm)
                 break

@@ -4,6 +4,7 @@ delete, push_config; and re-adoption of the VMs at start-up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -52,6 +53,8 @@ class VMService:
         """Load every VM and make it agree with what runs: a create that never answered
         is rolled back, a delete that was interrupted is finished, the others are
         reconciled with their qemu."""
+        alloc = self.creator.alloc
+
         async def one(vm: VM) -> None:
             rt = vm.rec.rt
             try:
@@ -62,10 +65,14 @@ class VMService:
                     await self._remove(vm)
                 else:
                     await self.lifecycle.reconcile(vm)
+                    if alloc is not None:   # a running qemu: in its cgroup, its limits
+                        alloc.adopted(vm)
             except Exception:  # noqa: BLE001 - one VM must not keep the agent from starting
                 log.exception("%s: adopting it failed", vm.name)
         # all at once: a hung qemu costs its own QMP timeout, not everybody's
         await asyncio.gather(*(one(vm) for vm in self.registry.load()))
+        if alloc is not None:
+            alloc.sweep()
 
     # --- reading ------------------------------------------------------------------------
 
@@ -86,7 +93,11 @@ class VMService:
         return {"vms": [vm_status(vm, caller.user) for vm in self.registry if listed(vm)]}
 
     async def status(self, ctx: RequestContext, name: str) -> dict:
-        return vm_status(self.registry.get(name), ctx.caller.user)
+        vm = self.registry.get(name)
+        status = vm_status(vm, ctx.caller.user)
+        if self.creator.alloc is not None:
+            status["allocation"] = self.creator.alloc.vm_report(vm)
+        return status
 
     async def console_log(self, ctx: RequestContext, name: str, offset: Any = 0,
                           tail: Any = None) -> dict:
@@ -109,13 +120,21 @@ class VMService:
         if template not in (None, ""):
             if self.warm is None:
                 raise BadRequest("template: warm starts are not available on this agent")
-            return await self.warm.create(ctx, template, fields, dry_run, start)
-        vm, dry = await self.creator.cold(ctx, fields, dry_run, start)
+            with self._creating(fields):
+                return await self.warm.create(ctx, template, fields, dry_run, start)
+        with self._creating(fields):
+            vm, dry = await self.creator.cold(ctx, fields, dry_run, start)
         if vm is None:
             assert dry is not None
             return dry
         self.creator.done(vm)
         return vm_status(vm, ctx.caller.user)
+
+    def _creating(self, fields: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """What a create reserves on the host is released when it ends (its VM holds
+        it from then on)."""
+        alloc = self.creator.alloc
+        return alloc.creating(fields.get("name")) if alloc else contextlib.nullcontext()
 
     async def delete(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
@@ -138,6 +157,8 @@ class VMService:
         faults.point("delete.stopped")
         self.registry.store.remove(vm.name)
         self.registry.discard(vm.name)
+        if self.creator.alloc is not None:
+            await self.creator.alloc.removed(vm.name)
 
     async def push_config(self, ctx: RequestContext, name: str, owner: Any = None,
                           **fields: Any) -> dict:
@@ -152,7 +173,9 @@ class VMService:
                 raise BadRequest(f"owner: {str(owner)[:40]!r} is not a valid user name")
         if "name" in fields and fields["name"] != name:
             raise BadRequest("a VM cannot be renamed")
-        spec = VMSpec.from_dict({**old.to_dict(), **fields})
+        alloc = self.creator.alloc
+        spec = (alloc.resize(old, fields) if alloc is not None
+                else VMSpec.from_dict({**old.to_dict(), **fields}))
         if spec.image != old.image:
             raise BadRequest(f"the image of {name} cannot change ({old.image} -> "
                              f"{spec.image}); create a new VM")
@@ -161,6 +184,10 @@ class VMService:
         if spec.disk < old.disk:
             raise BadRequest(f"disk: {spec.disk} bytes is smaller than the current "
                              f"{old.disk}; a disk can only grow")
+        applied = None
+        if alloc is not None:
+            alloc.admit_change(name, spec)   # larger guarantees must fit (409 otherwise)
+            applied = alloc.apply(vm, spec)  # a running VM's limits change at once
         rt = vm.rec.rt
         old_accounts = vm.accounts
         if rt.accounts is None and owner is None:    # a VM from before people existed
@@ -201,6 +228,8 @@ class VMService:
                             "next start", name, e)
         self.registry.save(vm)
         status = vm_status(vm, ctx.caller.user)
+        if applied is not None:
+            status["limits_applied"] = applied
         return {**status, "accounts_synced": synced} if synced is not None else status
 
     async def _sync_accounts(self, vm: VM, old: list[Account],

@@ -52,6 +52,7 @@ class Runtime:
                                         # the operators')
     accounts: list[dict] | None = None  # its guest accounts (identity/accounts.py);
                                         # None: the spec's admins, as before people
+    gpus: list[str] | None = None       # the PCI GPUs it last ran with (alloc/gpu.py)
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:

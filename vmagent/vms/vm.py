@@ -105,10 +105,10 @@ class VM:
 
     # --- process and QMP --------------------------------------------------------------
 
-    async def launch(self, argv: list[str]) -> int:
+    async def launch(self, argv: list[str], prefix: list[str] = ()) -> int:
         self.console.trim()
         before = self.console.size()          # the new boot's output starts here
-        pid = await self.machine.launch(argv)
+        pid = await self.machine.launch(argv, prefix=prefix)
         self.reset_boot(before)
         await self.attach()
         return pid
