@@ -135,13 +135,16 @@ class AgentProcess:
         return pids
 
     def cleanup(self) -> None:
-        """Stop the agent and kill the qemu processes it started (by pid)."""
+        """Stop the agent and kill the qemu processes it started (by pid), then remove
+        the cgroups it made for them (under its own parent, vmagent/alloc/service.py)."""
         self.stop()
-        for pid in self.qemu_pids():
+        pids = self.qemu_pids()
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        remove_cgroups(self.state_dir, pids)
 
     # --- HTTP -------------------------------------------------------------------------
 
@@ -193,6 +196,33 @@ class AgentProcess:
             assert time.monotonic() < deadline, st
             time.sleep(0.2)
         return st
+
+
+def remove_cgroups(state_dir: Path, pids: list[int], timeout: float = 10) -> None:
+    """The VM cgroups of the agent on ``state_dir`` (its default parent in each cgroup
+    hierarchy), once the processes in ``pids`` are gone."""
+    from vmagent.alloc.service import default_parent
+    deadline = time.monotonic() + timeout
+    while any(process_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parent = default_parent(state_dir)
+    for hierarchy in Path("/sys/fs/cgroup").glob(f"*/{parent}"):
+        for leaf in [d for d in hierarchy.iterdir() if d.is_dir()]:
+            try:
+                leaf.rmdir()
+            except OSError:
+                pass
+        try:
+            hierarchy.rmdir()
+        except OSError:
+            pass
+    unified = Path("/sys/fs/cgroup") / parent      # a cgroup v2 host
+    if (unified / "cgroup.procs").exists():
+        for leaf in [d for d in unified.iterdir() if d.is_dir()] + [unified]:
+            try:
+                leaf.rmdir()
+            except OSError:
+                pass
 
 
 def process_running(pid: int) -> bool:

@@ -119,6 +119,10 @@ def normalize(text: str, agent: AgentProcess) -> str:
     # the agent's name defaults to the hostname; its cgroup parent to one of its state dir
     text = re.sub(r'"host": "[^"]*"', '"host": "HOST"', text)
     text = re.sub(r"/vmagent-[0-9a-f]{8}/", "/vmagent-STATE/", text)
+    text = re.sub(r"# allocation on \S+:", "# allocation on HOST:", text)
+    # which cgroups enforce depends on the host (v1 here)
+    text = re.sub(r'"enforcement": "\w+"', '"enforcement": "CGROUPS"', text)
+    text = re.sub(r"\((v1|v2|none)\)$", "(CGROUPS)", text, flags=re.M)
     return text
 
 

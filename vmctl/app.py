@@ -97,11 +97,34 @@ class App:
         return target
 
     def call(self, op: str, **params: Any) -> dict:
+        name = params.get("name")
+        if self._client is None and isinstance(name, str) and op != "create":
+            self.for_vm(name, op)
         return self.client.call(op, **params)
+
+    def use(self, target: address.Target) -> None:
+        """Talk to ``target`` from now on (placement chose it, or a VM is there)."""
+        from .client import AgentClient
+        self.close()
+        self._client = AgentClient(target)
+
+    def for_vm(self, name: str, op: str = "status") -> None:
+        """With several hosts and none pinned (vmctl/placement.py): talk to the host
+        that has VM ``name``, for an operation on that VM."""
+        from vmagent import ops
+        row = ops.get(op)
+        if row.target != "vm" or "name" not in row.path_params:
+            return
+        from . import placement
+        if placement.fleet(self) is not None:
+            target = placement.locate(self, name)
+            if target is not None:
+                self.use(target)
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+            self._client = None
 
 
 pass_app = click.make_pass_decorator(App)

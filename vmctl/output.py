@@ -95,17 +95,21 @@ def readiness(status: dict) -> str:
 
 
 def vm_table(vms: Iterable[dict]) -> Table:
+    """The VMs; with a HOST column when they come from several hosts (``host``)."""
     from rich.table import Table
+    vms = list(vms)
+    hosts = any("host" in vm for vm in vms)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NAME", "STATE", "READY", "IMAGE", "CPUS", "MEMORY", "DISK", "SSH"):
+    for col in (("HOST",) if hosts else ()) + ("NAME", "STATE", "READY", "IMAGE", "CPUS",
+                                               "MEMORY", "DISK", "SSH"):
         table.add_column(col)
     for vm in vms:
         spec = vm.get("spec") or {}
         ssh = (f"{vm.get('ssh_user')}@{vm.get('ssh_host')}:{vm.get('ssh_port')}"
                if vm.get("ssh_port") else "-")
-        table.add_row(vm.get("name", "?"), _state(vm), readiness(vm), str(spec.get("image")),
-                      str(spec.get("cpus")), size(spec.get("memory")), size(spec.get("disk")),
-                      ssh)
+        row = [vm.get("name", "?"), _state(vm), readiness(vm), str(spec.get("image")),
+               str(spec.get("cpus")), size(spec.get("memory")), size(spec.get("disk")), ssh]
+        table.add_row(*([str(vm.get("host"))] if hosts else []), *row)
     return table
 
 
@@ -121,7 +125,8 @@ def vm_details(vm: dict) -> Table:
         ("reason", vm.get("reason")),
         ("image", spec.get("image")), ("cpus", spec.get("cpus")),
         ("memory", size(spec.get("memory"))), ("disk", size(spec.get("disk"))),
-        ("segment", spec.get("segment")), ("admins", ", ".join(spec.get("admins") or [])),
+        ("segment", spec.get("segment")), ("gpus", spec.get("gpus") or None),
+        ("admins", ", ".join(spec.get("admins") or [])),
         ("ssh", f"{vm.get('ssh_user')}@{vm.get('ssh_host')} port {vm.get('ssh_port')}"
          if vm.get("ssh_port") else None),
         ("ssh ready", _yes(vm.get("ssh_ready"))), ("cloud-init", vm.get("cloud_init")),

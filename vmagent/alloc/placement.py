@@ -136,16 +136,17 @@ def why_not(want: Demand, segment: str | None, host: HostView) -> str | None:
     return None
 
 
-def rank(want: Demand | Sequence[Demand], segment: str | None,
+def rank(want: Demand | Sequence[Demand], segment: str | None | Sequence[str | None],
          hosts: Iterable[HostView]) -> list[Option]:
     """Every host's option, best first: those that fit by score (ties: fewer VMs, then
-    the name), then those that do not, by name. ``want`` may be one demand per host
-    (each host sizes a request with its own rules) in the order of ``hosts``."""
+    the name), then those that do not, by name. ``want`` and ``segment`` may be one per
+    host (each host sizes a request with its own rules), in the order of ``hosts``."""
     hosts = list(hosts)
     wants = list(want) if isinstance(want, (list, tuple)) else [want] * len(hosts)
+    segs = list(segment) if isinstance(segment, (list, tuple)) else [segment] * len(hosts)
     options = []
-    for w, h in zip(wants, hosts):
-        reason = why_not(w, segment, h)
+    for w, s, h in zip(wants, segs, hosts):
+        reason = why_not(w, s, h)
         options.append(Option(h.name, None if reason else score(w, h), h.vms, reason))
     fitting = sorted((o for o in options if o.fits),
                      key=lambda o: (-round(o.score or 0.0, 6), o.vms, o.host))

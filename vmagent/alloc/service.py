@@ -135,7 +135,10 @@ class Allocator:
 
     def prepare(self, vm: VMLike) -> tuple[list[str], list[str]]:
         """Before qemu starts: its cgroup made with its limits, its GPUs chosen. Returns
-        (the argv prefix that starts qemu inside the cgroup, the GPU devices)."""
+        (the argv prefix that starts qemu inside the cgroup, the GPU devices). A qemu
+        that is not one of the host's VMs (a template's build) gets neither."""
+        if not any(other is vm for other in self.vms()):
+            return [], []
         spec = vm.rec.spec
         sized = self.size(spec) if spec.ram_limit is None else spec
         gpus: list[str] = []
@@ -155,7 +158,8 @@ class Allocator:
     def ensure(self, vm: VMLike, why: str) -> bool:
         """A running qemu in its cgroup with its limits (moved in if it is not: True)."""
         pid = vm.machine.pid()
-        if pid is None or self.cgroups.kind == "none":
+        if pid is None or self.cgroups.kind == "none" or not any(
+                other is vm for other in self.vms()):
             return False
         limits = self.running_limits(vm)
         if not self.cgroups.exists(vm.name):

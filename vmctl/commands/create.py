@@ -9,6 +9,7 @@ import click
 
 from vmagent.spec import SEGMENTS
 
+from .. import output
 from ..app import App, command, pass_app
 from ..errors import CLIError
 from .common import (checked, complete_image, image_name, name_argument, size_arg,
@@ -38,10 +39,18 @@ def spec_options(fn: Callable) -> Callable:
         click.option("--segment", type=click.Choice(SEGMENTS),
                      help="Hardware segment (dev, default, gpu-dev)."),
         click.option("--cpu-guarantee", type=float, metavar="CORES",
-                     help="Guaranteed cores (at most 2 in dev segments)."),
-        click.option("--cpu-limit", type=float, metavar="CORES", help="CPU limit in cores."),
-        click.option("--ram-guarantee", metavar="SIZE", help="Guaranteed RAM."),
-        click.option("--ram-limit", metavar="SIZE", help="RAM limit."),
+                     help="Cores promised under contention, reserved on the host while "
+                          "the VM exists (at most 2 in dev segments)."),
+        click.option("--cpu-limit", type=float, metavar="CORES",
+                     help="Hard ceiling of CPU time, in cores (segment default only; "
+                          "default: the vCPUs)."),
+        click.option("--ram-guarantee", metavar="SIZE",
+                     help="RAM promised and reserved (default: the RAM limit)."),
+        click.option("--ram-limit", metavar="SIZE",
+                     help="Ceiling of qemu's memory: guest RAM + qemu's overhead "
+                          "(default); --memory defaults from it."),
+        click.option("--gpus", type=click.IntRange(0, 8), metavar="N",
+                     help="GPUs passed through (segment gpu-dev; default 1 there)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -59,7 +68,7 @@ def spec_params(app: App, kw: dict[str, Any], *, default_key: bool) -> dict[str,
     for field in ("memory", "disk", "ram_guarantee", "ram_limit"):
         if kw.get(field) is not None:
             params[field] = size_arg(kw[field], field)
-    for field in ("cpu_guarantee", "cpu_limit", "segment"):
+    for field in ("cpu_guarantee", "cpu_limit", "segment", "gpus"):
         if kw.get(field) is not None:
             params[field] = kw[field]
     if kw.get("admins"):
@@ -87,6 +96,15 @@ def _print_dry_run(app: App, doc: dict) -> None:
             lines.append(shlex.quote(argv[i]))
             i += 1
     out = ["# qemu command line (dry run: nothing was started)", " \\\n    ".join(lines)]
+    alloc = doc.get("allocation")
+    if alloc:
+        want, lim = alloc.get("demand") or {}, alloc.get("limits") or {}
+        cpu_limit = lim.get("cpu_limit")
+        out += ["", f"# allocation on {alloc.get('host')}: reserves {want.get('cpu'):g} "
+                f"cores, {output.size(want.get('ram'))} RAM, {want.get('gpus')} GPU(s); "
+                f"limits: cpu {'none' if cpu_limit is None else f'{cpu_limit:g}'}, ram "
+                f"{output.size(lim.get('ram_limit'))}; cgroup {alloc.get('cgroup')} "
+                f"({alloc.get('enforcement')})"]
     for fname, text in (doc.get("seed") or {}).items():
         out += ["", f"# seed: {fname}", text.rstrip("\n")]
     click.echo("\n".join(out))
@@ -115,8 +133,12 @@ def create(app: App, name: str, template: str | None, dry_run: bool, start: bool
         params["template"] = vm_name(template)
     elif "image" not in params and app.config.default_image:
         params["image"] = checked(image_name, app.config.default_image)
+    from .. import placement
     if dry_run:
-        doc = app.call("create", name=name, dry_run=True, **params)
+        doc, placed = placement.create(app, name, params, placement.plan(app, name, params),
+                                       dry_run=True)
+        if placed is not None:
+            doc["placement"] = placed
         app.out.emit(doc, lambda: _print_dry_run(app, doc),
                      quiet=shlex.join(doc.get("argv") or []))
         return
@@ -126,9 +148,10 @@ def create(app: App, name: str, template: str | None, dry_run: bool, start: bool
     # the private halves of --ssh-key keys log in while waiting
     given = tuple(p.private for p in (keys.from_file(k) for k in kw.get("ssh_keys") or ())
                   if p.private is not None)
+    decision = placement.plan(app, name, params)
     progress = Progress(name, enabled=not app.quiet, login=start and wait)
     with progress:
-        status = app.call("create", name=name, start=start, **params)
+        status, placed = placement.create(app, name, {**params, "start": start}, decision)
         if start:
             progress.reach(*CREATE_PHASES)
         if start and wait:
@@ -142,8 +165,12 @@ def create(app: App, name: str, template: str | None, dry_run: bool, start: bool
                     exc.message += (f"; the VM is still there: see 'vmctl console {name} "
                                     f"--log', or 'vmctl delete {name}'")
                 raise
-    human = (f"VM [bold]{name}[/] is ready: [bold]vmctl ssh {name}[/]" if start and wait
-             else f"VM [bold]{name}[/] created ({status.get('state')})")
+    where = f" on [bold]{placed['chosen']}[/]" if placed else ""
+    human = (f"VM [bold]{name}[/] is ready{where}: [bold]vmctl ssh {name}[/]"
+             if start and wait else f"VM [bold]{name}[/] created{where} "
+                                    f"({status.get('state')})")
+    if placed is not None:
+        status = {**status, "placement": placed}
     app.out.emit(status, human, quiet=name)
 
 

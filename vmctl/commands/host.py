@@ -19,20 +19,43 @@ def _summary(doc: dict) -> dict:
     return {"version": doc.get("version"), "accel": accel.get("name"),
             "cpus": cap.get("cpus"), "memory": cap.get("memory"),
             "vms": (doc.get("vms") or {}).get("total"),
-            "running": (doc.get("vms") or {}).get("running")}
+            "running": (doc.get("vms") or {}).get("running"),
+            "agent_name": doc.get("name"), "segments": doc.get("segments"),
+            "resources": doc.get("resources"),
+            "enforcement": ((doc.get("allocation") or {}).get("enforcement") or {})
+            .get("version")}
+
+
+def _resource(res: dict | None, key: str, free: bool = False) -> str:
+    """guaranteed/allocatable/total (and what is free), for people."""
+    r = (res or {}).get(key)
+    if not r or (key == "gpu" and not r.get("total")):
+        return "-"
+    if key == "memory":
+        f = output.human_size
+    else:
+        def f(v: Any) -> str:
+            return f"{v:g}" if isinstance(v, (int, float)) else "-"
+    text = f"{f(r.get('guaranteed'))}/{f(r.get('allocatable'))}/{f(r.get('total'))}"
+    return text + (f" ({f(r.get('free'))} free)" if free else "")
 
 
 def _hosts_table(rows: list[dict]) -> Any:
     from rich.table import Table
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("", "NAME", "ADDRESS", "VERSION", "ACCEL", "CPUS", "MEMORY", "VMS"):
-        table.add_column(col)
+    for col in ("", "NAME", "ADDRESS", "VERSION", "SEGMENTS"):
+        table.add_column(col, overflow="fold")
+    # guaranteed/allocatable/total: what the VMs hold, what the host offers them, all
+    for col in ("CPU G/A/T", "RAM G/A/T", "GPU G/A/T", "VMS"):
+        table.add_column(col, no_wrap=True)
     for r in rows:
+        res = r.get("resources")
         table.add_row("*" if r["current"] else "", r["name"], r.get("address", "?"),
                       r.get("version") or ("[red]unreachable[/]" if r.get("reachable")
                                            is False else "-"),
-                      str(r.get("accel") or "-"), str(r.get("cpus") or "-"),
-                      output.human_size(r.get("memory")),
+                      ",".join(r.get("segments") or []) or "-",
+                      _resource(res, "cpu"), _resource(res, "memory"),
+                      _resource(res, "gpu"),
                       f"{r.get('running')}/{r.get('vms')}" if "vms" in r else "-")
     return table
 
@@ -53,6 +76,13 @@ def _host_grid(app: App, doc: dict) -> Any:
             ("accel", f"{accel.get('name')} ({accel.get('reason')})"),
             ("cpus", cap.get("cpus")), ("memory", output.human_size(cap.get("memory"))),
             ("disk free", output.human_size(cap.get("disk_free"))),
+            ("name", doc.get("name")),
+            ("segments", ", ".join(doc.get("segments") or []) or None),
+            ("cpu g/a/t", _resource(doc.get("resources"), "cpu", True) + " cores"),
+            ("ram g/a/t", _resource(doc.get("resources"), "memory", True)),
+            ("gpu g/a/t", _resource(doc.get("resources"), "gpu", True)),
+            ("enforcement", ((doc.get("allocation") or {}).get("enforcement") or {})
+             .get("version")),
             ("vms", f"{vms.get('running')} running of {vms.get('total')}"),
             ("state dir", doc.get("state_dir"))):
         grid.add_row(key, str(value))
@@ -68,12 +98,14 @@ def host() -> None:
 @click.option("--no-probe", is_flag=True, help="Do not contact the agents.")
 @pass_app
 def list_(app: App, no_probe: bool) -> None:
-    """The hosts of the config file (and the current target), with agent versions."""
+    """The hosts of the config file (and the current target): agent versions, segments
+    and, per resource, guaranteed/allocatable of total (free). All asked at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .. import address
     from ..client import AgentClient
     cfg = app.config
     targets: dict[str, Any] = {name: None for name in sorted(cfg.hosts)}
-    rows = []
     current = app.client.target
     if current.label not in targets:
         targets = {current.label: current, **targets}
@@ -81,10 +113,11 @@ def list_(app: App, no_probe: bool) -> None:
     mine = localagent.paths().socket
     if "local-user" not in targets and localagent.answers(mine):     # vmctl --local
         targets["local-user"] = address.local_target(str(mine))
-    for label, target in targets.items():
+
+    def one(label: str) -> dict:
         row = {"name": label, "current": label == current.label}
         try:
-            target = target or address.resolve(label, cfg)
+            target = targets[label] or address.resolve(label, cfg)
             row["address"] = str(target.address)
             if not no_probe:
                 client = AgentClient(target, timeout=PROBE_TIMEOUT)
@@ -94,7 +127,9 @@ def list_(app: App, no_probe: bool) -> None:
                     client.close()
         except CLIError as exc:
             row.update(reachable=False, error=exc.message)
-        rows.append(row)
+        return row
+    with ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
+        rows = list(pool.map(one, targets))
     app.out.emit({"hosts": rows}, lambda: app.out.console.print(_hosts_table(rows)),
                  quiet="\n".join(r["name"] for r in rows))
 

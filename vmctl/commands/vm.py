@@ -61,8 +61,18 @@ hard_reset = _lifecycle("hard-reset", "hard_reset", "Kill qemu and start it agai
               help="Every VM of the host, not only yours (operators).")
 @pass_app
 def list_(app: App, all_: bool) -> None:
-    """List your VMs (those you own or administer) on the agent."""
-    doc = app.call("list", all=all_ or None)
+    """List your VMs (those you own or administer): on every host of the config file
+    (with a HOST column) unless --host names one."""
+    from .. import placement
+    names = placement.fleet(app)
+    if names is not None:
+        vms, down = placement.list_all(app, names, all_)
+        for p in down:
+            app.out.info(f"{p.name}: not listed: {p.error}")
+        doc = {"vms": vms, "hosts": names,
+               "unreachable": [{"host": p.name, "error": p.error} for p in down]}
+    else:
+        doc = app.call("list", all=all_ or None)
     vms = doc.get("vms", [])
     human: Any = ((lambda: app.out.console.print(output.vm_table(vms))) if vms
                   else "no VMs (create one with 'vmctl create NAME')")
