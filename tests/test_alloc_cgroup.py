@@ -54,6 +54,17 @@ def test_v2_files_of_a_vm_and_the_delegation(tmp_path):
     assert (d / "cpu.weight").read_text() == "1"
 
 
+def test_the_parent_weighs_the_allocatable_cores(tmp_path):
+    cg = open_cgroups("auto", v1_tree(tmp_path), "vmagent")
+    cg.parent_cores = 1.5
+    cg.create("vm1", LIMITS)
+    assert (tmp_path / "cpu/vmagent/cpu.shares").read_text() == "1536"
+    cg2 = open_cgroups("auto", v2_tree(tmp_path / "v2"), "vmagent")
+    cg2.parent_cores = 3.5
+    cg2.create("vm1", LIMITS)
+    assert (tmp_path / "v2/vmagent/cpu.weight").read_text() == "350"
+
+
 def test_weights_are_bounded():
     assert Limits(100.0, None, 0, 0).v2()["cpu.weight"] == "10000"
     assert Limits(0.001, None, 0, 0).v1()["cpu"]["cpu.shares"] == "2"

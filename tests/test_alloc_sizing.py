@@ -225,3 +225,27 @@ def test_a_missing_config_file_is_an_error_but_no_file_at_all_is_the_defaults(
     (tmp_path / "env.toml").write_text('name = "from-env"\n')
     monkeypatch.setenv("VMAGENT_CONFIG", str(tmp_path / "env.toml"))
     assert cfgmod.load(None).name == "from-env"
+
+
+def test_qemus_overhead_counts_tcgs_code_buffer_as_capped_in_the_argv():
+    from vmagent.alloc.sizing import (QEMU_BASE_OVERHEAD, TCG_CODE_BUFFER, overhead_for)
+    from vmagent.qemu.argv import TCG_TB_MIB
+    assert TCG_CODE_BUFFER == TCG_TB_MIB * M
+    assert overhead_for("kvm") == QEMU_BASE_OVERHEAD
+    assert overhead_for("tcg") == QEMU_BASE_OVERHEAD + TCG_CODE_BUFFER
+
+
+def test_the_hosts_rules_follow_its_accelerator_unless_its_config_says(tmp_path):
+    from vmagent.alloc.config import AgentConfig, Capacity, CgroupConfig
+    from vmagent.alloc.service import Allocator
+    from vmagent.alloc.sizing import overhead_for
+    from vmagent.spec import Defaults
+    accel = ["tcg"]
+    cfg = AgentConfig(cgroup=CgroupConfig(mode="none"))
+    alloc = Allocator(cfg, tmp_path, Defaults(), lambda: iter(()), accel=lambda: accel[0])
+    assert alloc.rules.overhead == overhead_for("tcg")
+    accel[0] = "kvm"
+    assert alloc.rules.overhead == overhead_for("kvm")
+    cfg = AgentConfig(capacity=Capacity(qemu_overhead=100 * M),
+                      cgroup=CgroupConfig(mode="none"))
+    assert Allocator(cfg, tmp_path, Defaults(), lambda: iter(())).rules.overhead == 100 * M

@@ -246,7 +246,7 @@ def test_dry_run_returns_argv_and_seed_and_creates_nothing(agent):
     assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
     assert argv[0] == "qemu-system-x86_64"
     opt = dict(zip(argv, argv[1:]))
-    assert opt["-accel"] == "tcg,thread=multi" and opt["-smp"] == "3"
+    assert opt["-accel"] == "tcg,thread=multi,tb-size=256" and opt["-smp"] == "3"
     assert opt["-pidfile"] == str(agent.state_dir.resolve() / "vms" / "dry1" / "qemu.pid")
     assert opt["-kernel"] == str(agent.state_dir.resolve() / "images" / "test" / "vmlinuz")
     assert opt["-append"] == "root=/dev/vda console=ttyS0 rw"

@@ -69,7 +69,7 @@ def test_qemu_binary_is_configurable(tmp_path):
 
 
 def test_tcg_flags(argv):
-    assert one(argv, "-accel") == "tcg,thread=multi"
+    assert one(argv, "-accel") == "tcg,thread=multi,tb-size=256"
     assert one(argv, "-cpu") == "max"
 
 

@@ -95,7 +95,8 @@ class Agent:
         self.ports = PortAllocator(lambda: (vm.rec.rt.ssh_port for vm in self.registry))
         # guarantees reserved, limits enforced (cgroups), GPUs (docs/allocation.md)
         self.alloc = Allocator(settings.config, state_dir, settings.defaults,
-                               lambda: iter(self.registry))
+                               lambda: iter(self.registry),
+                               accel=lambda: self.host.accel_name)
         self.registry.hooks.append(self.alloc.on_state)
         self.launcher = Launcher(self.registry, self.images, self.host, self.ports,
                                  self.alloc)

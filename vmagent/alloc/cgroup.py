@@ -76,6 +76,7 @@ class Limits:
 class Cgroups(Protocol):
     kind: str           # "v1" | "v2" | "none"
     parent: str
+    parent_cores: float | None   # the CPU weight of the parent, in cores
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -179,6 +180,10 @@ class _Tree:
     def __init__(self, root: Path, parent: str) -> None:
         self.root = Path(root)
         self.parent = parent.strip("/")
+        # the parent's own CPU weight: the host's allocatable cores (weights are
+        # relative to siblings, so the VMs together weigh what they were promised
+        # against the host's other processes); None: left as it is
+        self.parent_cores: float | None = None
 
     def dirs(self, name: str) -> list[Path]:
         raise NotImplementedError
@@ -263,6 +268,9 @@ class V1(_Tree):
     def create(self, name: str, limits: Limits) -> None:
         for d in self.dirs(name):
             d.mkdir(parents=True, exist_ok=True)
+        if self.parent_cores is not None:
+            parent = Limits(self.parent_cores, None, 0, 0).v1()["cpu"]["cpu.shares"]
+            _write(self._dir("cpu", name).parent / "cpu.shares", parent)
         self.apply(name, limits)
 
     def apply(self, name: str, limits: Limits) -> None:
@@ -348,6 +356,9 @@ class V2(_Tree):
     def create(self, name: str, limits: Limits) -> None:
         self._delegate()
         self.dirs(name)[0].mkdir(exist_ok=True)
+        if self.parent_cores is not None:
+            weight = Limits(self.parent_cores, None, 0, 0).v2()["cpu.weight"]
+            _write(self.parents()[0] / "cpu.weight", weight)
         self.apply(name, limits)
 
     def apply(self, name: str, limits: Limits) -> None:
@@ -387,6 +398,7 @@ class NoCgroups:
     def __init__(self, reason: str, parent: str = "") -> None:
         self.reason = reason
         self.parent = parent
+        self.parent_cores: float | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"version": "none", "reason": self.reason}

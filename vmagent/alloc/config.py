@@ -11,7 +11,8 @@ cpus = 16                        # cores offered (default: the host's)
 memory = "64G"                   # RAM offered (default: MemTotal)
 reserve_cpus = 0.5               # kept for the host itself (default 0.5)
 reserve_memory = "1G"            # (default 1G)
-qemu_overhead = "320M"           # qemu's own memory beyond guest RAM (default: measured)
+qemu_overhead = "512M"           # qemu's own memory beyond guest RAM (default: the
+                                 # measured 256M, + 256M of translated code under TCG)
 
 [defaults]                       # for what a request leaves out
 image = "debian-12"
@@ -46,7 +47,6 @@ from typing import Any
 
 from vmagent.errors import BadRequest
 from vmagent.spec import SEGMENTS, Defaults, check_image_name, parse_size
-from vmagent.alloc.sizing import QEMU_OVERHEAD
 
 DEFAULT_PATH = Path("/etc/vmagent/agent.toml")
 PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -64,7 +64,7 @@ class Capacity:
     memory: int | None = None           # None: MemTotal
     reserve_cpus: float = 0.5
     reserve_memory: int = 1 << 30
-    qemu_overhead: int = QEMU_OVERHEAD
+    qemu_overhead: int | None = None    # None: measured, by accelerator (sizing.py)
 
 
 @dataclass(frozen=True)

@@ -153,13 +153,18 @@ def rank(want: Demand | Sequence[Demand], segment: str | None | Sequence[str | N
     return fitting + sorted((o for o in options if not o.fits), key=lambda o: o.host)
 
 
+def fits(want: Demand, segment: str | None, host: HostView) -> bool:
+    """:func:`why_not` is None, without the words (for many hosts)."""
+    f = host.free
+    return not (want.cpu > f.cpu + EPSILON or want.ram > f.ram or want.gpus > f.gpus or (
+        segment is not None and segment not in host.segments))
+
+
 def best_fit(want: Demand, segment: str | None, hosts: Sequence[HostView]) -> int | None:
     """The index of the chosen host (the fast path of :func:`rank`, for many hosts)."""
     best, best_key = None, None
     for i, h in enumerate(hosts):
-        f = h.free
-        if want.cpu > f.cpu + EPSILON or want.ram > f.ram or want.gpus > f.gpus or (
-                segment is not None and segment not in h.segments):
+        if not fits(want, segment, h):
             continue
         key = (-round(score(want, h), 6), h.vms, h.name)
         if best_key is None or key < best_key:
@@ -170,7 +175,7 @@ def best_fit(want: Demand, segment: str | None, hosts: Sequence[HostView]) -> in
 def first_fit(want: Demand, segment: str | None, hosts: Sequence[HostView]) -> int | None:
     """The first host in order that fits (a baseline)."""
     for i, h in enumerate(hosts):
-        if why_not(want, segment, h) is None:
+        if fits(want, segment, h):
             return i
     return None
 
@@ -178,5 +183,5 @@ def first_fit(want: Demand, segment: str | None, hosts: Sequence[HostView]) -> i
 def random_fit(want: Demand, segment: str | None, hosts: Sequence[HostView],
                rng: random.Random) -> int | None:
     """A random host among those that fit (a baseline)."""
-    fitting = [i for i, h in enumerate(hosts) if why_not(want, segment, h) is None]
+    fitting = [i for i, h in enumerate(hosts) if fits(want, segment, h)]
     return rng.choice(fitting) if fitting else None

@@ -24,7 +24,7 @@ from vmagent.alloc import gpu as gpu_mod
 from vmagent.alloc.capacity import Ledger, Offer
 from vmagent.alloc.cgroup import Cgroups, Limits, open_cgroups
 from vmagent.alloc.config import AgentConfig
-from vmagent.alloc.sizing import Demand, Rules, demand, resize, size
+from vmagent.alloc.sizing import Demand, Rules, demand, overhead_for, resize, size
 from vmagent.errors import BadRequest, VMAgentError
 from vmagent.spec import Defaults, VMSpec
 
@@ -66,23 +66,34 @@ class Allocator:
     def __init__(self, cfg: AgentConfig, state_dir: Path, defaults: Defaults,
                  vms: Callable[[], Iterable[VMLike]],
                  cgroups: Cgroups | None = None,
-                 sysfs: gpu_mod.Sysfs = gpu_mod.Sysfs()) -> None:
+                 sysfs: gpu_mod.Sysfs = gpu_mod.Sysfs(),
+                 accel: Callable[[], str] = lambda: "tcg") -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.vms = vms
-        self.rules = Rules(overhead=cfg.capacity.qemu_overhead,
-                           cpu_guarantee=cfg.cpu_guarantee, cpus=defaults.cpus,
-                           memory=defaults.memory, segment=defaults.segment)
+        self.defaults = defaults
+        self.accel = accel
         self.offer = Offer.of(cfg)
         self.ledger = Ledger(cfg.name, self.offer, cfg.served, self.held)
         parent = cfg.cgroup.parent or default_parent(state_dir)
         self.cgroups = cgroups or open_cgroups(cfg.cgroup.mode, cfg.cgroup.root, parent)
+        self.cgroups.parent_cores = self.offer.allocatable.cpu
         self.sysfs = sysfs
         if "gpu-dev" in cfg.served and not cfg.gpus:
             log.warning("segment gpu-dev is served but no [[gpu]] is listed: gpu-dev "
                         "requests will be refused")
 
     # --- sizing and admission -------------------------------------------------------
+
+    @property
+    def rules(self) -> Rules:
+        """What this host fills in: its defaults, and qemu's overhead (the config's, or
+        the measured one for the accelerator in use)."""
+        cap, d = self.cfg.capacity, self.defaults
+        over = cap.qemu_overhead if cap.qemu_overhead is not None else \
+            overhead_for(self.accel())
+        return Rules(overhead=over, cpu_guarantee=self.cfg.cpu_guarantee, cpus=d.cpus,
+                     memory=d.memory, segment=d.segment)
 
     def size(self, spec: VMSpec) -> VMSpec:
         return size(spec, self.rules)

@@ -33,8 +33,17 @@ from vmagent.errors import BadRequest
 from vmagent.spec import MAX_MEMORY, MIN_MEMORY, SEGMENTS, VMSpec, format_size
 
 MiB = 1 << 20
-# what qemu itself uses beyond the guest's RAM (measured: docs/allocation.md)
-QEMU_OVERHEAD = 320 * MiB
+# what qemu itself uses beyond the guest's RAM (measured: docs/allocation.md): its
+# heap, thread stacks, device state and VGA RAM; under TCG also its buffer of
+# translated code (vmagent/qemu/argv.py: TCG_TB_MIB)
+QEMU_BASE_OVERHEAD = 256 * MiB
+TCG_CODE_BUFFER = 256 * MiB
+QEMU_OVERHEAD = QEMU_BASE_OVERHEAD + TCG_CODE_BUFFER     # the larger of the two
+
+
+def overhead_for(accel: str) -> int:
+    """qemu's overhead with this accelerator (kvm or tcg)."""
+    return QEMU_BASE_OVERHEAD + (TCG_CODE_BUFFER if accel != "kvm" else 0)
 DEV_SEGMENTS = ("dev", "gpu-dev")
 GPU_SEGMENT = "gpu-dev"
 

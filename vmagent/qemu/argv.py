@@ -27,6 +27,13 @@ SEED_DEVICE = "cd0"
 # makes its setsid() fail, so qemu exits 1 without a word. Both are left out.
 SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 
+# TCG's buffer of translated code, in MiB. qemu 7.2's default is 1 GiB, and a guest
+# that runs much code fills it (measured: 1016 MiB resident after a boot and a
+# workload, docs/allocation.md), so qemu's memory beyond the guest's RAM would reach
+# 1.2 GiB; capped, it is bounded and fits under a VM's ram_limit
+# (vmagent/alloc/sizing.py counts it in qemu's overhead under TCG).
+TCG_TB_MIB = 256
+
 
 @dataclass(frozen=True)
 class KernelBoot:
@@ -61,7 +68,7 @@ def build_argv(cfg: MachineConfig) -> list[str]:
     if cfg.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
     elif cfg.accel == "tcg":
-        accel, cpu = ["-accel", "tcg,thread=multi"], "max"
+        accel, cpu = ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_MIB}"], "max"
     else:
         raise ValueError(f"unknown accel {cfg.accel!r}")
     argv = [
