@@ -98,7 +98,8 @@ _SPEC = tuple(f for f in VMSpec.FIELDS if f != "name")
 _VM = "/vms/{name}"
 
 OPERATIONS: tuple[Operation, ...] = (
-    Operation("host", "GET", "/host", "Agent version, accel, capacity and qemu version"),
+    Operation("host", "GET", "/host", "Agent version, accel, qemu version; its name, "
+              "segments and, per resource, total, allocatable, guaranteed and free"),
     Operation("host_log", "GET", "/host/log",
               "The audit log: one JSON line per operation that changed something",
               access_override="operator", params=("offset", "tail")),
