@@ -18,7 +18,7 @@ Two runs per policy:
   opening and closing (the life of a CI fleet). Reported: the requests refused in this
   steady state and the same shares at the end.
 
-    python3 bench/placement.py [--hosts 500] [--requests 10000] [--seed 1]
+    python3 bench/placement.py [--hosts 500] [--requests 10000] [--seed 1] [--quick]
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=500)
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="50 hosts, 1,000 requests")
     args = ap.parse_args()
+    if args.quick:
+        args.hosts, args.requests = 50, 1000
     rng = random.Random(args.seed)
     hosts = fleet(args.hosts, rng)
     stream = requests(args.requests, rng)

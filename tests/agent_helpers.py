@@ -201,7 +201,10 @@ class AgentProcess:
 def remove_cgroups(state_dir: Path, pids: list[int], timeout: float = 10) -> None:
     """The VM cgroups of the agent on ``state_dir`` (its default parent in each cgroup
     hierarchy), once the processes in ``pids`` are gone."""
-    from vmagent.alloc.service import default_parent
+    try:
+        from vmagent.alloc.service import default_parent
+    except ImportError:             # an installed vmagent from before cgroups
+        return
     deadline = time.monotonic() + timeout
     while any(process_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

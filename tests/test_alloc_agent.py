@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from alloc_helpers import config, pci_device, v1_tree, v2_tree
-from stub_helpers import (KEY, StubEnv, call, create, make_template, process_gone, run,  # noqa: F401
-                          stub, until)
+from stub_helpers import StubEnv, call, create, make_template, run, stub  # noqa: F401
 from vmagent import rundir
 from vmagent.alloc.gpu import Sysfs
 from vmagent.errors import BadRequest, Conflict

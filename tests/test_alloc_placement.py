@@ -152,3 +152,24 @@ def test_baselines():
     assert picks == {1, 2}
     assert pl.first_fit(Demand(9, 0, 0), None, hosts) is None
     assert pl.best_fit(Demand(9, 0, 0), None, hosts) is None
+
+
+def test_the_placement_benchmark_runs_and_reports_every_policy():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "bench" / "placement.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert set(doc["policies"]) == {"best_fit", "first_fit", "random"}
+    for runs in doc["policies"].values():
+        fill = runs["fill"]
+        assert fill["placed"] + fill["refused"] == 1000 and fill["refused"] > 0
+        assert fill["first_refusal"]["used_ram"] > 0.5
+        assert fill["decision_us"]["median"] > 0
+        end = fill["end"]
+        assert 0 <= end["stranded_ram"] <= end["free_ram"] <= 1
+        assert runs["churn"]["placed"] > fill["placed"]     # departures made room

@@ -9,7 +9,6 @@ overhead is 256M on both, so a VM with ram_limit 1G reserves 1G."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
