@@ -235,7 +235,8 @@ class VMSpec:
         return spec
 
     def check_allocation(self) -> None:
-        """Consistency of the allocation fields (enforcement comes with placement)."""
+        """Consistency of the allocation fields as given; the host completes and
+        checks the rest (vmagent/alloc/sizing.py) and enforces them."""
         if (self.cpu_guarantee is not None and self.cpu_limit is not None
                 and self.cpu_guarantee > self.cpu_limit):
             raise BadRequest(f"cpu_guarantee ({self.cpu_guarantee:g}) is above cpu_limit "
