@@ -40,6 +40,7 @@ class App(Protocol):
     """What the fleet needs of the command's :class:`vmctl.app.App`."""
 
     host: str | None
+    local: bool
     config: Config
     out: Output
 
@@ -67,8 +68,9 @@ class Probe:
 
 
 def fleet(app: App) -> list[str] | None:
-    """The hosts to work on together, or None when one host is pinned or configured."""
-    if app.host or os.environ.get("VMCTL_AGENT"):
+    """The hosts to work on together, or None when one agent is pinned (``--host``,
+    ``--local``, ``$VMCTL_AGENT``) or fewer than two hosts are configured."""
+    if app.host or app.local or os.environ.get("VMCTL_AGENT"):
         return None
     hosts = sorted(app.config.hosts)
     return hosts if len(hosts) >= 2 else None
