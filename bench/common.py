@@ -153,6 +153,7 @@ def workdir(prefix: str, base: str | None = None) -> Iterator[Path]:
 def running_agent(work: Path, import_image: bool = True) -> Iterator[AgentProcess]:
     agent = AgentProcess(work / "state").start()
     try:
+        agent.register_key()
         if import_image:
             agent.import_test_image()
         yield agent

@@ -1,5 +1,5 @@
 """Instance disk creation against base size: a qcow2 overlay (what the agent does,
-vmagent.disks.create_overlay) on the test image and on sparse 2 GB and 20 GB qcow2
+vmagent.qemu.disks.create_overlay) on the test image and on sparse 2 GB and 20 GB qcow2
 bases, against a full copy of each base (what Multipass does): a plain file copy
 (`cp --sparse=never`) and `qemu-img convert` to a new, independent qcow2. Overlay
 creation time must not grow with the base size.
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import IMAGE_DIR, emit, log, machine, median, workdir  # noqa: E402
 
-from vmagent import disks  # noqa: E402
+from vmagent.qemu import disks  # noqa: E402
 
 GOAL = 1.5     # the overlay on the 20 GB base may take at most this times the smallest
 

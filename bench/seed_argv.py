@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine, running_agent, workdir  # noqa: E402
 
 from vmagent.qemu import argv as qargv  # noqa: E402
-from vmagent import seed  # noqa: E402
+from vmagent.identity import seed  # noqa: E402
 from vmagent.spec import Defaults, VMSpec, apply_defaults  # noqa: E402
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdM09Ct5ZbpGEQm6BvLA/Ji8N4McDg7RPn/6+OGhCmD b@x"
@@ -56,7 +56,7 @@ def main() -> None:
         cfg = qargv.MachineConfig(name="bench", run_dir=work, cpus=2, memory=2 << 30,
                                   accel="tcg", ssh_port=22022, mac=mac,
                                   vmgenid=str(uuid.uuid4()),
-                                  kernel_boot=qargv.KernelBoot("/k", "/i", "root=/dev/vda"))
+                                  kernel_boot=qargv.KernelBoot("/k", "/i", "root=LABEL=rootfs"))
 
         def build() -> None:
             seed.write_seed_iso(iso, seed.render_seed(spec, "i-1", mac))

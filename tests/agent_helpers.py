@@ -37,7 +37,8 @@ def require_test_image() -> None:
     for f in ("debian-12-test.qcow2", "vmlinuz", "initrd.img"):
         if not (IMAGE_DIR / f).is_file():
             pytest.fail(f"test image missing: {IMAGE_DIR / f} (build it with "
-                        "'./scripts/test', which builds it first)")
+                        f"'./scripts/build-test-image {IMAGE_DIR}', which ./scripts/test "
+                        "runs first)")
 
 
 def free_port() -> int:
@@ -172,11 +173,21 @@ class AgentProcess:
         assert 200 <= status < 300, (method, path, status, doc)
         return doc
 
+    def register_key(self) -> Path:
+        """A new key pair for the caller (this process's user), registered with the agent
+        (creates refuse a VM nobody could log in to); its private key's path."""
+        key = self.state_dir.parent / f"{self.state_dir.name}-key"
+        if not key.exists():
+            keypair(key.parent, key.name)
+        self.ok("POST", "/keys", {"keys": key.with_suffix(".pub").read_text()})
+        self.key = key
+        return key
+
     def import_test_image(self, name: str = "test") -> dict:
         return self.ok("POST", "/images", {
             "image": name, "path": str(IMAGE_DIR / "debian-12-test.qcow2"),
             "kernel": str(IMAGE_DIR / "vmlinuz"), "initrd": str(IMAGE_DIR / "initrd.img"),
-            "append": "root=/dev/vda console=ttyS0 rw"})
+            "append": "root=LABEL=rootfs console=ttyS0 rw"})
 
     def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT,
                    cloud_init: bool = False) -> dict:

@@ -125,3 +125,22 @@ def test_vmctl_uses_only_the_contract():
         allowed = CONTRACT | {"vmagent", "vmagent.__version__"} | {
             f"{c}.{name}" for c in CONTRACT for name in dir(__import__(c, fromlist=["x"]))}
         assert used <= allowed, (path, used - allowed)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_benchmarks_import_what_exists(script):
+    """The benchmarks run only in the slow suite: a module they import that moved must
+    fail here, in seconds (``from vmagent import seed`` after seed moved did once)."""
+    import importlib
+
+    tree = ast.parse((ROOT / "bench" / script).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vmagent"):
+            mod = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(mod, alias.name) or importlib.util.find_spec(
+                    f"{node.module}.{alias.name}"), f"{script}: {node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("vmagent"):
+                    importlib.import_module(alias.name)

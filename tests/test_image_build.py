@@ -1,5 +1,7 @@
 """Integration: build debian-12 from its recipe through a real agent, boot it from its own
-disk (GRUB, no -kernel), log in over SSH and look at what the image is made of.
+disk (GRUB, no -kernel), log in over SSH and look at what the image is made of; and boot
+the test image (scripts/build-test-image: the same builder, the test recipe) from its own
+disk too, with the kernel beside it being the image's own.
 
 Slow the first time (debootstrap and every package from the mirror: several minutes);
 the package download is cached in $VMCTL_BUILD_CACHE (default /var/cache/vmagent-build),
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_helpers import AgentProcess, keypair, ssh_retry
+from agent_helpers import IMAGE_DIR, AgentProcess, keypair, require_test_image, ssh_retry
+from vmagent.images.catalog import DEFAULT_APPEND
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +96,34 @@ def test_build_debian_boot_it_from_its_own_disk_and_log_in(agent, tmp_path):
     assert "DataSourceNoCloud" in res.stdout
     assert "/dev/vda" in res.stdout.split("grub-pc/install_devices:")[1]
     agent.ok("DELETE", "/vms/built")
+
+
+def test_the_test_image_boots_from_its_own_disk_and_its_kernel_is_the_images(tmp_path):
+    """Every other integration test boots the test image with -kernel/-initrd; here it
+    boots from its own disk through GRUB, grows its root partition to the VM's disk, and
+    the kernel and initrd beside it are the ones in the image."""
+    require_test_image()
+    doc = json.loads((IMAGE_DIR / "build.json").read_text())
+    assert doc["image"] == "test" and doc["append"] == DEFAULT_APPEND
+    a = AgentProcess(tmp_path / "state").start()
+    try:
+        a.ok("POST", "/images", {"image": "own", "path": str(IMAGE_DIR / doc["disk"])})
+        key = keypair(tmp_path)
+        a.ok("POST", "/vms", {"name": "own1", "image": "own", "memory": "1G", "cpus": 2,
+                              "disk": "4G", "ssh_keys": [key.with_suffix(".pub").read_text()]})
+        argv = json.loads((a.state_dir / "vms/own1/argv.json").read_text())
+        assert "-kernel" not in argv and "-append" not in argv
+        st = a.wait_ready("own1", timeout=BOOT_TIMEOUT, cloud_init=True)
+        res = ssh_retry(st["ssh_port"], key, "set -e; cat /proc/cmdline; "
+                        "findmnt -no SOURCE,LABEL /; df -B1 --output=size / | tail -1; "
+                        "k=$(uname -r); sudo sha256sum /boot/vmlinuz-$k /boot/initrd.img-$k")
+        assert res.returncode == 0, res.stderr + res.stdout
+        out = res.stdout.splitlines()
+        assert "root=UUID=" in out[0] and "console=ttyS0" in out[0]
+        assert out[1].split() == ["/dev/vda1", "rootfs"]
+        assert int(out[2]) > 3 << 30          # growpart: the 2G image on a 4G disk
+        assert out[3].split()[0] == doc["sha256"]["vmlinuz"]
+        assert out[4].split()[0] == doc["sha256"]["initrd.img"]
+        a.ok("DELETE", "/vms/own1")
+    finally:
+        a.cleanup()

@@ -21,6 +21,7 @@ def agent(tmp_path_factory):
     require_test_image()
     base = tmp_path_factory.mktemp("launch")
     a = AgentProcess(base / "state").start()
+    a.register_key()
     a.import_test_image()
     yield a
     a.stop()
@@ -52,6 +53,7 @@ def test_create_whose_qemu_fails_leaves_nothing(agent, tmp_path):
     state = tmp_path / "state2"
     a = AgentProcess(state, "--qemu", str(wrapper)).start()
     try:
+        a.register_key()
         a.import_test_image()
         status, err = a.call("POST", "/vms", {"name": "never", "image": "test"})
         assert status == 500 and err["error"] == "qemu_failed"
@@ -79,6 +81,7 @@ exec {shutil.which('qemu-system-x86_64')} "$@"
     wrapper.chmod(0o755)
     a = AgentProcess(tmp_path / "state3", "--qemu", str(wrapper)).start()
     try:
+        a.register_key()
         a.import_test_image()
         st = a.ok("POST", "/vms", {"name": "retry", "image": "test", "memory": "512M"})
         assert st["state"] == "running" and marker.exists()
@@ -99,6 +102,7 @@ def test_qemu_gone_while_agent_down_is_marked_broken(tmp_path):
     """Restart after SIGKILL: a VM whose qemu vanished meanwhile is broken, not running;
     one whose qemu still runs is re-adopted with its pid."""
     a = AgentProcess(tmp_path / "state").start()
+    a.register_key()
     a.import_test_image()
     gone = a.ok("POST", "/vms", {"name": "gone", "image": "test", "memory": "256M"})
     kept = a.ok("POST", "/vms", {"name": "kept", "image": "test", "memory": "256M"})

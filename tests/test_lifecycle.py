@@ -129,9 +129,11 @@ def test_reboot_and_login_again(env):
 
 def test_shutdown_then_start_and_login(env):
     agent = env["agent"]
-    # the clean path powers off through the guest agent: wait until it runs
+    # the clean path powers off through the guest agent: wait until it runs (as root: the
+    # guest has no D-Bus, and systemctl of a user needs it)
     deadline = time.monotonic() + 120
-    while login(env, "systemctl is-active qemu-guest-agent").stdout.strip() != "active":
+    check = "sudo -n systemctl is-active qemu-guest-agent"
+    while login(env, check).stdout.strip() != "active":
         assert time.monotonic() < deadline, "qemu-guest-agent did not start"
         time.sleep(1)
     doc = agent.ok("POST", f"/vms/{NAME}/shutdown", {"timeout": 120})

@@ -57,6 +57,22 @@ def test_shipped_devel_recipe_inherits_debian_and_adds_a_toolset():
     assert [f.path for f in devel.files] == ["/etc/motd"] and devel.commands
 
 
+def test_shipped_test_recipe_is_the_small_guest_of_the_test_suite():
+    """What scripts/build-test-image bakes: the packages the test suite's guest needs, on
+    its own (not inheriting debian-12's locales, dbus, ...), a 2G disk."""
+    entry = Catalog.load(SHARE).get("test")
+    r = entry.recipe
+    assert not entry.downloadable and r.chain == ()
+    assert (r.distribution, r.suite, r.mirror, r.kernel) == (
+        "debian", "bookworm", None, "linux-image-cloud-amd64")
+    assert set(r.packages) == {
+        "cloud-init", "openssh-server", "sudo", "qemu-guest-agent", "ifupdown",
+        "isc-dhcp-client", "netbase", "iproute2", "iputils-ping", "python3-cffi-backend",
+        "cloud-guest-utils"}
+    assert r.all_packages()[:2] == ["linux-image-cloud-amd64", "grub-pc"]
+    assert r.disk_size == 2 << 30 and not r.files and not r.commands
+
+
 def test_shipped_ubuntu_recipe_parses():
     r = Catalog.load(SHARE).get("ubuntu-24.04").recipe
     assert (r.distribution, r.suite, r.debootstrap_script) == ("ubuntu", "noble", "gutsy")
@@ -172,6 +188,14 @@ def test_devel_recipe_resolves_against_the_mirrors_package_lists(lists):
     installs = aptindex.resolve(recipe, lists)
     assert {"build-essential", "gcc", "git", "python3-venv", "cmake", "cloud-init",
             "linux-image-cloud-amd64", "grub-pc", "openssh-server"} <= set(installs)
+
+
+def test_test_recipe_resolves_against_the_mirrors_package_lists(lists):
+    recipe = host_mirror(Catalog.load(SHARE).get("test").recipe)
+    installs = aptindex.resolve(recipe, lists)
+    assert {"linux-image-cloud-amd64", "grub-pc", "cloud-init", "openssh-server", "sudo",
+            "qemu-guest-agent", "cloud-guest-utils", "isc-dhcp-client"} <= set(installs)
+    assert "build-essential" not in installs and "gcc" not in installs
 
 
 def test_an_unknown_package_fails_to_resolve_with_apts_reason(lists):

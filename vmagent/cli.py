@@ -1,5 +1,7 @@
-"""The ``vmagent`` command: ``serve`` (the agent, :mod:`vmagent.serve`) and ``token``
-(the TCP API's bearer tokens, :mod:`vmagent.api.tokens`: run as root on the host)."""
+"""The ``vmagent`` command: ``serve`` (the agent, :mod:`vmagent.serve`), ``token``
+(the TCP API's bearer tokens, :mod:`vmagent.api.tokens`: run as root on the host) and
+``build-image IMAGE DIR`` (bake a catalog recipe into a directory, no agent:
+:mod:`vmagent.images.build.local`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from vmagent import __version__
 from vmagent.api.auth import OPERATORS_GROUP
 from vmagent.api.tokens import TokenStore
 from vmagent.errors import VMAgentError
+from vmagent.images.build import local
 from vmagent.serve import StartupError, serve
 
 DEFAULT_STATE_DIR = "/var/lib/vmagent"
@@ -82,6 +85,20 @@ def _serve_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=os.environ.get("VMAGENT_LOG_LEVEL", "INFO"))
 
 
+def _build_image_args(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build-image", help="build a catalog image into a directory on "
+                       "this host, without an agent (cached by its inputs; root)")
+    b.add_argument("image", help="a catalog entry with a [build] recipe, e.g. test")
+    b.add_argument("directory", help="where the disk, vmlinuz, initrd.img go")
+    b.add_argument("--disk-name", help="the disk's file name (default IMAGE.qcow2)")
+    b.add_argument("--cache-dir", default=os.environ.get("VMAGENT_BUILD_CACHE",
+                                                         str(local.DEFAULT_CACHE)),
+                   help="the builder's package and debootstrap cache "
+                        "(default $VMAGENT_BUILD_CACHE or %(default)s)")
+    b.add_argument("--catalog", help="image catalog directory")
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+
 def _token_args(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("token", help="bearer tokens for the TCP API")
     tsub = p.add_subparsers(dest="token_command", required=True)
@@ -126,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_args(sub)
     _token_args(sub)
+    _build_image_args(sub)
     args = parser.parse_args(argv)
+    if args.command == "build-image":
+        return local.command(args.image, args.directory, catalog_dir=args.catalog,
+                             cache_dir=args.cache_dir, disk_name=args.disk_name,
+                             force=args.force)
     try:
         if args.command == "token":
             return token_command(args)

@@ -22,11 +22,15 @@ from typing import Any
 from vmagent import errors
 
 from vmagent.images.build import recipes
+from vmagent.images.build.builder import ROOT_LABEL
 from vmagent.spec import IMAGE_NAME_RE
 
 FORMATS = ("qcow2", "raw")
 BOOTS = ("disk", "kernel")
-DEFAULT_APPEND = "root=/dev/vda console=ttyS0 rw"
+# the kernel command line of an image booted with -kernel/-initrd that names none: the
+# root file system by its label (what the image builder makes), so the same line boots a
+# partitioned disk and a bare file system; the initrd resolves the label
+DEFAULT_APPEND = f"root=LABEL={ROOT_LABEL} console=ttyS0 rw"
 _HEX = {"sha256": re.compile(r"^[0-9a-f]{64}$"), "sha512": re.compile(r"^[0-9a-f]{128}$")}
 _STR_KEYS = ("name", "description", "url", "format", "boot", "kernel_url", "initrd_url",
              "append", "sha256", "sha512", "checksum_url", "kernel_sha256",
