@@ -187,7 +187,7 @@ class AgentProcess:
         return self.ok("POST", "/images", {
             "image": name, "path": str(IMAGE_DIR / "debian-12-test.qcow2"),
             "kernel": str(IMAGE_DIR / "vmlinuz"), "initrd": str(IMAGE_DIR / "initrd.img"),
-            "append": "root=LABEL=rootfs console=ttyS0 rw"})
+            "append": "root=LABEL=rootfs console=ttyS0 rw no_timer_check"})
 
     def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT,
                    cloud_init: bool = False) -> dict:

@@ -41,7 +41,7 @@ def agent(tmp_path_factory):
         a.image = a.ok("POST", "/images", {
             "image": "test", "path": str(IMAGE_DIR / "debian-12-test.qcow2"),
             "kernel": str(IMAGE_DIR / "vmlinuz"), "initrd": str(IMAGE_DIR / "initrd.img"),
-            "append": "root=LABEL=rootfs console=ttyS0 rw"})
+            "append": "root=LABEL=rootfs console=ttyS0 rw no_timer_check"})
         yield a
     finally:
         a.cleanup()
@@ -249,7 +249,7 @@ def test_dry_run_returns_argv_and_seed_and_creates_nothing(agent):
     assert opt["-accel"] == "tcg,thread=multi,tb-size=256" and opt["-smp"] == "3"
     assert opt["-pidfile"] == str(agent.state_dir.resolve() / "vms" / "dry1" / "qemu.pid")
     assert opt["-kernel"] == str(agent.state_dir.resolve() / "images" / "test" / "vmlinuz")
-    assert opt["-append"] == "root=LABEL=rootfs console=ttyS0 rw"
+    assert opt["-append"] == "root=LABEL=rootfs console=ttyS0 rw no_timer_check"
 
     seed = doc["seed"]
     assert set(seed) == {"meta-data", "user-data", "network-config"}

@@ -171,10 +171,10 @@ def test_no_kernel_options_without_kernel_boot(argv):
 
 def test_kernel_boot(tmp_path):
     argv = qargv.build_argv(cfg(tmp_path, kernel_boot=qargv.KernelBoot(
-        "/img/vmlinuz", "/img/initrd.img", "root=LABEL=rootfs console=ttyS0 rw")))
+        "/img/vmlinuz", "/img/initrd.img", "root=LABEL=rootfs console=ttyS0 rw no_timer_check")))
     assert one(argv, "-kernel") == "/img/vmlinuz"
     assert one(argv, "-initrd") == "/img/initrd.img"
-    assert one(argv, "-append") == "root=LABEL=rootfs console=ttyS0 rw"   # one argument
+    assert one(argv, "-append") == "root=LABEL=rootfs console=ttyS0 rw no_timer_check"   # one argument
 
 
 def test_kernel_boot_without_initrd_or_append(tmp_path):
@@ -245,7 +245,7 @@ def test_installed_qemu_accepts_the_argv(tmp_path):
     kernel = None
     if (IMAGE_DIR / "vmlinuz").is_file() and (IMAGE_DIR / "initrd.img").is_file():
         kernel = qargv.KernelBoot(str(IMAGE_DIR / "vmlinuz"), str(IMAGE_DIR / "initrd.img"),
-                                  "root=LABEL=rootfs console=ttyS0 rw")
+                                  "root=LABEL=rootfs console=ttyS0 rw no_timer_check")
     argv = qargv.build_argv(cfg(run, ssh_port=free_port(), kernel_boot=kernel))
     argv = [a for a in argv if a != "-daemonize"] + ["-S"]
     proc = subprocess.Popen(argv, cwd=run, stdin=subprocess.DEVNULL,

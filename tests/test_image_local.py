@@ -120,7 +120,7 @@ def test_a_second_run_with_the_same_inputs_builds_nothing(tmp_path, fake):
     assert first.disk == out / "debian-12-test.qcow2" and first.disk.read_text().startswith(
         "disk of cloud-init")
     assert first.kernel.is_file() and first.initrd.is_file()
-    assert first.append == DEFAULT_APPEND == "root=LABEL=rootfs console=ttyS0 rw"
+    assert first.append == DEFAULT_APPEND == "root=LABEL=rootfs console=ttyS0 rw no_timer_check"
     doc = json.loads((out / "build.json").read_text())
     assert doc["key"] == first.key and doc["disk"] == "debian-12-test.qcow2"
     assert doc["inputs"]["recipe"]["mirror"] == MIRROR

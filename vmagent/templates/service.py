@@ -215,6 +215,9 @@ class TemplateService:
             if not vm.machine.alive():
                 raise QMPFailure(f"template {vm.name}: qemu exited while booting; console: "
                                  f"{vm.console.tail_text()}")
+            if vm.kernel_panicked():      # the boot is over: say so now, not at the deadline
+                raise QMPFailure(f"template {vm.name}: the guest kernel panicked while "
+                                 f"booting; console: {vm.console.tail_text()}")
             return vm.boot_progress()["cloud_init"] == "done" and await vm.check_ssh()
 
         await poll_until(booted, max(0.0, limit), interval=1.0, error=lambda: Timeout(
