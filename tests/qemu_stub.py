@@ -19,8 +19,8 @@ exists but never answers, "absent": no socket), ``hang`` (read QMP and guest-age
 commands, answer none), ``ssh`` ("banner" or "silent"), ``cloud_init_delay``,
 ``shutdown_delay``, ``snapshot_error``, ``migrate_error``, ``exec`` ({PATH: {"exitcode",
 "out"}}), and the triggers ``panic`` (GUEST_PANICKED, SHUTDOWN, exit), ``poweroff`` (the
-guest powers itself off), ``reset`` (the guest reboots itself) and ``die`` (exit 1 at
-once, no event).
+guest powers itself off), ``reset`` (the guest reboots itself), ``io_error`` (a full
+disk: BLOCK_IO_ERROR, STOP, status io-error) and ``die`` (exit 1 at once, no event).
 
 The agent trusts a pid only if ``/proc/PID/cmdline`` names a ``qemu-system*`` program,
 and a script run through ``#!/usr/bin/env python3`` shows there as ``python3``: install
@@ -327,6 +327,14 @@ class Stub:
         self.event("SHUTDOWN", guest=True, reason="guest-panic")
         self.exit(0)
 
+    def io_error(self) -> None:
+        """The guest's disk is full: qemu pauses it (werror=enospc) and says why."""
+        self.event("BLOCK_IO_ERROR", device="disk0", **{"node-name": "hd0"},
+                   operation="write", action="stop", nospace=True,
+                   reason="No space left on device")
+        self.set_status("io-error")
+        self.event("STOP")
+
     def later(self, delay_key: str, default: float, fn) -> None:
         asyncio.get_running_loop().call_later(
             float(self.control.get().get(delay_key, default)), fn)
@@ -336,7 +344,8 @@ class Stub:
             ctl = self.control.get()
             for trigger, act in (("die", lambda: os._exit(1)), ("panic", self.panic),
                                  ("poweroff", self.guest_poweroff),
-                                 ("reset", lambda: self.reset(True))):
+                                 ("reset", lambda: self.reset(True)),
+                                 ("io_error", self.io_error)):
                 if ctl.get(trigger) and trigger not in self.fired:
                     self.fired.add(trigger)
                     act()
