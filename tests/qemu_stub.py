@@ -65,6 +65,7 @@ class Args:
         self.name, self.pidfile, self.daemonize, self.incoming = "stub", None, False, None
         self.chardevs: dict[str, dict[str, str]] = {}
         self.mon = "qmp"
+        self.mons: list[str] = []       # every -mon's chardev; the first is the agent's
         self.qga = "qga0"
         self.serial = "serial0"
         self.vnc: str | None = None
@@ -91,7 +92,8 @@ class Args:
                 _, kv = opts(v)
                 self.chardevs[kv.get("id", "")] = kv
             elif a == "-mon":
-                self.mon = opts("mon," + v)[1].get("chardev", self.mon)
+                self.mons.append(opts("mon," + v)[1].get("chardev", "qmp"))
+                self.mon = self.mons[0]
             elif a == "-serial" and v.startswith("chardev:"):
                 self.serial = v.split(":", 1)[1]
             elif a == "-vnc" and v.startswith("unix:"):
@@ -657,6 +659,9 @@ def bind_all(args: Args, ctl: dict) -> dict[str, socket.socket]:
                       ("vnc", args.vnc), ("qga", args.path(args.qga))):
         if path and not (key == "qga" and ctl.get("guest_agent") == "absent"):
             socks[key] = listen_unix(path)
+    for i, mon in enumerate(args.mons[1:]):     # the operator's monitor: QMP too
+        if (path := args.path(mon)):
+            socks[f"qmp{i + 1}"] = listen_unix(path)
     if args.ssh_port:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -679,7 +684,8 @@ async def serve(stub: Stub, socks: dict[str, socket.socket]) -> None:
                 "console": stub.serve_console, "ssh": stub.serve_ssh}
     for key, sock in socks.items():
         if sock.family == socket.AF_UNIX:
-            await asyncio.start_unix_server(handlers[key], sock=sock)
+            handler = handlers["qmp" if key.startswith("qmp") else key]
+            await asyncio.start_unix_server(handler, sock=sock)
         else:
             await asyncio.start_server(handlers[key], sock=sock)
     stub.set_status(stub.status)
