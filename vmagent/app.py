@@ -23,6 +23,7 @@ from vmagent.api.dispatch import Dispatcher, Handler, disk_full_guard, lock_guar
 from vmagent.api.links import LinkService, LinkTokens
 from vmagent.api.opstats import OpStats
 from vmagent.api.tokens import TokenStore
+from vmagent.api.vmevents import operation_events_guard
 from vmagent.identity.keys import KeyRegistry, KeysDir, KeysURL
 from vmagent.identity.keyservice import KeyService
 from vmagent.images.build.jobs import Builds
@@ -42,6 +43,7 @@ from vmagent.templates.service import TemplateService
 from vmagent.templates.store import TemplateStore
 from vmagent.templates.warm import WarmCreator
 from vmagent.vms.create import Creator
+from vmagent.vms.events import EventLog
 from vmagent.vms.history import History
 from vmagent.vms.host import HostService
 from vmagent.vms.launcher import Launcher, PortAllocator
@@ -138,12 +140,17 @@ class Agent:
         self.dispatcher = Dispatcher(self.handlers(), [
             self.opstats.guard(), audit_guard(self.audit), disk_full_guard(state_dir),
             access_guard(self.people), self.activity.guard(),
+            operation_events_guard(self.event_log_of),
             lock_guard(self.registry.locked)])
 
     def people(self, name: str) -> tuple[str | None, list[str]] | None:
         """Who may operate the VM ``name`` besides the operators (None: no such VM)."""
         vm = self.registry.find(name)
         return vm.people() if vm is not None else None
+
+    def event_log_of(self, name: str) -> EventLog | None:
+        vm = self.registry.find(name)
+        return vm.event_log if vm is not None else None
 
     def host_report(self) -> dict:
         """What the metrics say of the host (the host operation's figures)."""
