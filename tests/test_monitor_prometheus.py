@@ -131,6 +131,15 @@ def test_exposition_passes_promtool_and_the_token_reads_only_metrics(env):
     assert status == 403 and b"metrics token" in body
 
 
+def test_every_dashboard_expression_runs_in_prometheus(env):
+    from test_monitor_unit import dashboard_exprs
+    prom = env["prom"]
+    for expr in dashboard_exprs():
+        q_ = expr.replace("$instance", ".*").replace("$vm", ".*")
+        prom.api("query", query=q_)             # a PromQL error fails here
+    assert prom.api("query", query='count(link_alive{vm=~".*"})')["result"]
+
+
 # --- broken and healed ----------------------------------------------------------------------
 
 def _pid(agent) -> int:

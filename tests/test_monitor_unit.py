@@ -347,3 +347,36 @@ def test_healer_forgets_what_changed():
     assert h.found(vm).restart and h.pending() == ["a"]
     rt.changed_at = 2.0                                   # someone acted
     assert not h.due(vm, time.monotonic() + 1) and h.pending() == []
+
+
+# --- the Grafana dashboard -----------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "contrib" / "grafana" / \
+    "vmagent-dashboard.json"
+
+
+def dashboard_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in doc["panels"] for t in p["targets"]]
+
+
+def test_the_dashboard_uses_only_exported_metrics(stub):
+    import re
+
+    async def body():
+        async with stub.running(config=fast()) as agent:
+            await create(agent, "vm1")
+            await agent.monitor.round()
+            await call(agent, "status", name="vm1")
+            return await call(agent, "metrics")
+    text = run(body(), timeout=60)
+    exported = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines()
+                if ln and not ln.startswith("#")}
+    families = {ln.split()[2]: ln.split()[3] for ln in text.splitlines()
+                if ln.startswith("# TYPE ")}
+    exported |= set(families)               # a family without samples yet (no jobs)
+    exported |= {f + s for f, kind in families.items() if kind == "histogram"
+                 for s in ("_bucket", "_count", "_sum")}
+    for expr in dashboard_exprs():
+        for name in re.findall(r"\b(link_alive|net_alive|vmagent_[a-z_]+)\b", expr):
+            assert name in exported, (name, expr)
