@@ -6,14 +6,12 @@ row counts the opening of its stream."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any, AsyncIterator
 
-from vmagent.api.dispatch import Guard
+from vmagent.api.dispatch import Guard, outcome
 from vmagent.context import RequestContext
-from vmagent.errors import VMAgentError
 from vmagent.monitor.model import Histogram
 from vmagent.ops import Operation
 
@@ -30,16 +28,7 @@ class OpStats:
         async def guard(op: Operation, ctx: RequestContext,
                         params: dict[str, Any]) -> AsyncIterator[None]:
             t0 = time.monotonic()
-            result = "internal"
-            try:
+            async with outcome(lambda result: self.record(op.name, result,
+                                                          time.monotonic() - t0)):
                 yield
-                result = "ok"
-            except VMAgentError as e:
-                result = e.code
-                raise
-            except asyncio.CancelledError:
-                result = "cancelled"
-                raise
-            finally:
-                self.record(op.name, result, time.monotonic() - t0)
         return guard

@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, AsyncIterator, Callable
 
-from vmagent.api.dispatch import Guard, target_of
+from vmagent.api.dispatch import Guard, outcome, target_of
 from vmagent.context import RequestContext
-from vmagent.errors import VMAgentError
 from vmagent.ops import Operation
 from vmagent.vms.events import EventLog
 
@@ -27,15 +26,12 @@ def operation_events_guard(log_of: LogOf) -> Guard:
         if name is None or op.websocket or params.get("dry_run"):
             yield
             return
-        result = "error"
-        try:
-            yield
-            result = "ok"
-        except VMAgentError as e:
-            result = e.code
-            raise
-        finally:
+
+        def ended(result: str) -> None:
             log = log_of(name)
             if log is not None:
                 log.append("operation", op=op.name, user=ctx.caller.user, result=result)
+
+        async with outcome(ended):
+            yield
     return guard
