@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stub_helpers import CTX, StubEnv, call, create, run, stub  # noqa: F401 (fixture)
+from stub_helpers import CTX, StubEnv, call, create, run, stub, until  # noqa: F401
 from vmagent.alloc.config import AgentConfig, CgroupConfig, MonitorConfig
 from vmagent.context import Caller, RequestContext, Role, Transport
 from vmagent.errors import Forbidden
@@ -266,6 +266,24 @@ def test_a_vm_its_owner_stopped_is_never_restarted(stub):
             StubEnv.vm_control(st["run_dir"], poweroff=False)   # the next boot stays up
             await rounds(agent, lambda: vm.rec.rt.restarts == 1
                          and state_of(agent) == State.RUNNING, what="restarted")
+    run(body(), timeout=60)
+
+
+def test_a_vm_found_dead_at_agent_start_is_restarted_by_its_policy(stub):
+    async def body():
+        async with stub.running(config=fast()) as agent:
+            st = await create(agent, "vm1", restart="on-failure")
+            await create(agent, "vm2", restart="never")
+            pids = [agent.registry.get(n).machine.pid() for n in ("vm1", "vm2")]
+        for pid in pids:                      # the host "rebooted" while the agent was away
+            stub.kill(pid)
+        async with stub.running(watch=True, config=fast()) as agent:
+            assert state_of(agent, "vm2") == State.BROKEN
+            await until(lambda: state_of(agent, "vm1") == State.RUNNING
+                        and agent.registry.get("vm1").rec.rt.restarts == 1,
+                        timeout=10, what="vm1 restarted")
+            assert state_of(agent, "vm2") == State.BROKEN
+            assert Path(st["run_dir"]).exists()
     run(body(), timeout=60)
 
 

@@ -6,7 +6,9 @@
 * ``always``: also when the guest powered itself off.
 
 A VM its owner (or an operator) stopped is never restarted: only what the monitor
-itself found is healed, never the result of an operation. Restarts back off
+itself found is healed (and, when the agent starts, the VMs found broken then: their
+qemu died while the agent was away, or the host rebooted), never the result of an
+operation. Restarts back off
 exponentially (``restart_backoff`` seconds, doubled for every restart in the window, at
 most ``restart_backoff_max``), and after ``crash_loop_restarts`` restarts within
 ``crash_loop_window`` seconds the VM stays broken with the reason "crash loop" until an

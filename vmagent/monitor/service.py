@@ -16,7 +16,7 @@ import time
 
 from vmagent.alloc.config import MonitorConfig
 from vmagent.errors import VMAgentError
-from vmagent.monitor.healing import Healer
+from vmagent.monitor.healing import CRASH_LOOP, Healer
 from vmagent.monitor.health import examine
 from vmagent.monitor.signals import Probe, VMSignals
 from vmagent.vms.lifecycle import Lifecycle
@@ -43,6 +43,12 @@ class MonitorService:
         self._actions: set[asyncio.Task] = set()
 
     def start(self) -> None:
+        """Start the loop; VMs found broken while the agent was away (its qemu died,
+        the host rebooted) get their policy's restart too."""
+        for vm in self.registry:
+            if vm.rec.rt.state == State.BROKEN and not (vm.rec.rt.reason or "").startswith(
+                    CRASH_LOOP):
+                self._found(vm)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
