@@ -19,8 +19,8 @@ exists but never answers, "absent": no socket), ``hang`` (read QMP and guest-age
 commands, answer none), ``ssh`` ("banner" or "silent"), ``cloud_init_delay``,
 ``shutdown_delay``, ``snapshot_error``, ``migrate_error``, ``exec`` ({PATH: {"exitcode",
 "out"}}), and the triggers ``panic`` (GUEST_PANICKED, SHUTDOWN, exit), ``poweroff`` (the
-guest powers itself off), ``reset`` (the guest reboots itself) and ``die`` (exit 1 at
-once, no event).
+guest powers itself off), ``reset`` (the guest reboots itself), ``io_error`` (a full
+disk: BLOCK_IO_ERROR, STOP, status io-error) and ``die`` (exit 1 at once, no event).
 
 The agent trusts a pid only if ``/proc/PID/cmdline`` names a ``qemu-system*`` program,
 and a script run through ``#!/usr/bin/env python3`` shows there as ``python3``: install
@@ -65,6 +65,7 @@ class Args:
         self.name, self.pidfile, self.daemonize, self.incoming = "stub", None, False, None
         self.chardevs: dict[str, dict[str, str]] = {}
         self.mon = "qmp"
+        self.mons: list[str] = []       # every -mon's chardev; the first is the agent's
         self.qga = "qga0"
         self.serial = "serial0"
         self.vnc: str | None = None
@@ -91,7 +92,8 @@ class Args:
                 _, kv = opts(v)
                 self.chardevs[kv.get("id", "")] = kv
             elif a == "-mon":
-                self.mon = opts("mon," + v)[1].get("chardev", self.mon)
+                self.mons.append(opts("mon," + v)[1].get("chardev", "qmp"))
+                self.mon = self.mons[0]
             elif a == "-serial" and v.startswith("chardev:"):
                 self.serial = v.split(":", 1)[1]
             elif a == "-vnc" and v.startswith("unix:"):
@@ -327,6 +329,14 @@ class Stub:
         self.event("SHUTDOWN", guest=True, reason="guest-panic")
         self.exit(0)
 
+    def io_error(self) -> None:
+        """The guest's disk is full: qemu pauses it (werror=enospc) and says why."""
+        self.event("BLOCK_IO_ERROR", device="disk0", **{"node-name": "hd0"},
+                   operation="write", action="stop", nospace=True,
+                   reason="No space left on device")
+        self.set_status("io-error")
+        self.event("STOP")
+
     def later(self, delay_key: str, default: float, fn) -> None:
         asyncio.get_running_loop().call_later(
             float(self.control.get().get(delay_key, default)), fn)
@@ -336,7 +346,8 @@ class Stub:
             ctl = self.control.get()
             for trigger, act in (("die", lambda: os._exit(1)), ("panic", self.panic),
                                  ("poweroff", self.guest_poweroff),
-                                 ("reset", lambda: self.reset(True))):
+                                 ("reset", lambda: self.reset(True)),
+                                 ("io_error", self.io_error)):
                 if ctl.get(trigger) and trigger not in self.fired:
                     self.fired.add(trigger)
                     act()
@@ -648,6 +659,9 @@ def bind_all(args: Args, ctl: dict) -> dict[str, socket.socket]:
                       ("vnc", args.vnc), ("qga", args.path(args.qga))):
         if path and not (key == "qga" and ctl.get("guest_agent") == "absent"):
             socks[key] = listen_unix(path)
+    for i, mon in enumerate(args.mons[1:]):     # the operator's monitor: QMP too
+        if (path := args.path(mon)):
+            socks[f"qmp{i + 1}"] = listen_unix(path)
     if args.ssh_port:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -670,7 +684,8 @@ async def serve(stub: Stub, socks: dict[str, socket.socket]) -> None:
                 "console": stub.serve_console, "ssh": stub.serve_ssh}
     for key, sock in socks.items():
         if sock.family == socket.AF_UNIX:
-            await asyncio.start_unix_server(handlers[key], sock=sock)
+            handler = handlers["qmp" if key.startswith("qmp") else key]
+            await asyncio.start_unix_server(handler, sock=sock)
         else:
             await asyncio.start_server(handlers[key], sock=sock)
     stub.set_status(stub.status)

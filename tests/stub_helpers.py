@@ -1,5 +1,5 @@
 """The agent's services on a tmp state dir with ``tests/qemu_stub.py`` as its qemu: no
-guest boots, so the registry, launcher, lifecycle, watcher and reconcile logic are tested
+guest boots, so the registry, launcher, lifecycle, monitor and reconcile logic are tested
 in a fraction of a second per operation.
 
 The stub is installed as ``BIN/qemu-system-x86_64``, run by a symlink to this Python
@@ -150,15 +150,15 @@ class StubEnv:
         return Settings(**kw)
 
     async def agent(self, watch: bool = False, **overrides: Any) -> Agent:
-        """A started agent (VMs adopted); its 1 Hz watcher is stopped unless ``watch``:
-        tests call ``agent.watcher.tick()`` themselves."""
+        """A started agent (VMs adopted); its 1 Hz monitor is stopped unless ``watch``:
+        tests call ``agent.monitor.tick()`` themselves."""
         agent = Agent(self.settings(**overrides))
         self.agents.append(agent)
         if not agent.images.exists(IMAGE):
             await agent.images.import_file(IMAGE, self.image_file)
         await agent.start()
         if not watch:
-            await agent.watcher.stop()
+            await agent.monitor.stop()
         return agent
 
     @contextlib.asynccontextmanager

@@ -23,8 +23,10 @@ LAYERS = {
     "vmagent.vms": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.alloc"},
     "vmagent.templates": {"vmagent.qemu", "vmagent.identity", "vmagent.images",
                           "vmagent.vms", "vmagent.alloc"},
+    "vmagent.monitor": {"vmagent.qemu", "vmagent.identity", "vmagent.images",
+                        "vmagent.vms", "vmagent.alloc"},
     "vmagent.api": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.vms",
-                    "vmagent.templates", "vmagent.alloc"},
+                    "vmagent.templates", "vmagent.alloc", "vmagent.monitor"},
 }
 # the pure parts of allocation are contract too: vmctl sizes and places requests with them
 CONTRACT = {"vmagent.ops", "vmagent.spec", "vmagent.errors", "vmagent.context",

@@ -102,11 +102,12 @@ def test_sockets_are_relative_to_the_run_dir(argv):
     assert chardevs["qmp"]["path"] == "qmp.sock"
     assert chardevs["serial0"]["path"] == "console.sock"
     assert chardevs["qga0"]["path"] == "qga.sock"
+    assert chardevs["qmpop"]["path"] == "qmp-operator.sock"     # the operator's monitor
     for c in chardevs.values():
         assert c[""] == "socket" and c["server"] == "on" and c["wait"] == "off"
         assert not os.path.isabs(c["path"]) and "/" not in c["path"]
     assert one(argv, "-vnc") == "unix:vnc.sock"
-    assert one(argv, "-mon") == "chardev=qmp,mode=control"
+    assert opt(argv, "-mon") == ["chardev=qmp,mode=control", "chardev=qmpop,mode=control"]
     assert one(argv, "-serial") == "chardev:serial0"
     assert ("-device", "virtserialport,bus=vser0.0,chardev=qga0,"
             "name=org.qemu.guest_agent.0") in list(zip(argv, argv[1:]))

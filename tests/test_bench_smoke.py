@@ -28,6 +28,8 @@ EXPECT = {
     "parallel_create.py": {"all_at_once_s", "bare_all_at_once_s", "create_request_s_max",
                            "qemu_start_spread_s", "per_vm_ssh_s"},
     "qemu_overhead.py": {"points_mib", "overhead_mib", "overhead_max_mib", "oom_kills"},
+    "monitor_cost.py": {"agent_cpu_percent", "per_vm_cpu_percent", "at_100_vms_cpu_percent",
+                        "broken_after_kill_s", "goal_broken_met"},
     "warm_start.py": {"cold_seconds", "template_create_seconds", "warm_vmctl_median",
                       "warm_api_median", "warm_over_cold", "warm_api_detail"},
 }

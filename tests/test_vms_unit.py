@@ -1,5 +1,5 @@
 """The agent's VM logic against the qemu stub (tests/qemu_stub.py): create, start, the
-lifecycle, reconcile after a restart, the watcher, locks, state transitions and records,
+lifecycle, reconcile after a restart, the monitor, locks, state transitions and records,
 streams and the warm create, each in well under a second, without a guest."""
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def test_create_runs_qemu_and_records_it(stub):
         async with stub.running() as agent:
             st = await create(agent, "vm1")
             run_dir = Path(st["run_dir"])
-            assert st["state"] == "running" and st["link_alive"]
+            assert st["state"] == "running"
+            await agent.monitor.round()         # the guest agent answers: link
+            assert (await call(agent, "status", name="vm1"))["link_alive"]
             assert st["pid"] == pid_of(run_dir)
             assert owns_cmdline(read_cmdline(st["pid"]), run_dir)
             argv = json.loads((run_dir / rundir.ARGV).read_text())
@@ -321,7 +323,7 @@ def test_watcher_sees_qemu_gone(stub, how, state, reason):
     async def body():
         async with stub.running() as agent:
             st = await create(agent, "vm1")
-            await agent.watcher.tick()
+            await agent.monitor.round()
             assert agent.registry.get("vm1").rec.rt.state == State.RUNNING
             if how == "kill":
                 stub.kill(st["pid"])
@@ -331,7 +333,7 @@ def test_watcher_sees_qemu_gone(stub, how, state, reason):
             await until(lambda: process_gone(st["pid"]), what=f"qemu gone after {how}")
             if how == "panic":      # its events have arrived (a late read: see below)
                 await until(lambda: vm.last_event == "SHUTDOWN", what="the events")
-            await agent.watcher.tick()
+            await agent.monitor.round()
             st = await call(agent, "status", name="vm1")
             assert st["state"] == state
             assert (st["reason"] is None) if reason is None else (reason in st["reason"])
@@ -349,7 +351,7 @@ def test_watcher_reports_a_panic_seen_late(stub):
             deadline = time.monotonic() + 5
             while not process_gone(st["pid"]) and time.monotonic() < deadline:
                 time.sleep(0.01)          # the agent's loop is busy meanwhile
-            await agent.watcher.tick()
+            await agent.monitor.round()
             st = await call(agent, "status", name="vm1")
             assert st["state"] == "broken" and "panicked" in st["reason"]
     run(body())
@@ -360,7 +362,7 @@ def test_watcher_checks_the_guest_sshd(stub):
         async with stub.running() as agent:
             await create(agent, "vm1")
             assert not (await call(agent, "status", name="vm1"))["net_alive"]
-            await agent.watcher.tick()
+            await agent.monitor.round()
             assert (await call(agent, "status", name="vm1"))["net_alive"]
     run(body())
 
@@ -398,7 +400,7 @@ def test_transitions_are_guarded_and_recorded(stub):
             with pytest.raises(InternalError, match="stopped -> stopping"):
                 agent.registry.transition(vm, State.STOPPING)
             assert state_file.read_bytes() == before and vm.rec.rt.state == State.STOPPED
-            assert not (Path(st["run_dir"]) / rundir.EVENTS).exists()
+            assert events(st["run_dir"]) == []      # only the create operation's event
             agent.registry.transition(vm, State.STARTING, "by hand")
             doc = read_state(st["run_dir"])
             assert (doc["state"], doc["reason"]) == ("starting", "by hand")

@@ -21,7 +21,9 @@ from vmagent.api.activity import Activity
 from vmagent.api.audit import AuditLog, AuditService, audit_guard
 from vmagent.api.dispatch import Dispatcher, Handler, disk_full_guard, lock_guard
 from vmagent.api.links import LinkService, LinkTokens
+from vmagent.api.opstats import OpStats
 from vmagent.api.tokens import TokenStore
+from vmagent.api.vmevents import operation_events_guard
 from vmagent.identity.keys import KeyRegistry, KeysDir, KeysURL
 from vmagent.identity.keyservice import KeyService
 from vmagent.images.build.jobs import Builds
@@ -30,6 +32,9 @@ from vmagent.images.pulls import Pulls
 from vmagent.images.service import ImageService
 from vmagent.images.store import ImageStore
 from vmagent.jobs import Jobs
+from vmagent.monitor import metrics, unistat
+from vmagent.monitor.service import MonitorService
+from vmagent.context import RequestContext
 from vmagent.ops import OPERATIONS
 from vmagent.qemu.argv import QEMU_BINARY
 from vmagent.qemu.host import QemuHost
@@ -38,6 +43,7 @@ from vmagent.templates.service import TemplateService
 from vmagent.templates.store import TemplateStore
 from vmagent.templates.warm import WarmCreator
 from vmagent.vms.create import Creator
+from vmagent.vms.events import EventLog
 from vmagent.vms.history import History
 from vmagent.vms.host import HostService
 from vmagent.vms.launcher import Launcher, PortAllocator
@@ -47,7 +53,6 @@ from vmagent.vms.registry import VMRegistry
 from vmagent.vms.service import VMService
 from vmagent.vms.store import Store
 from vmagent.vms.streams import VMStreams
-from vmagent.vms.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +120,47 @@ class Agent:
                                       state_dir, users=self.image_users)
         self.host_ops = HostService(self.registry, self.host, state_dir, self.alloc)
         self.streams = VMStreams(self.registry)
-        self.watcher = Watcher(self.registry, self.lifecycle)
+        # the 1 Hz signals, broken VMs found and healed, the metrics (docs/monitoring.md)
+        self.monitor = MonitorService(self.registry, self.lifecycle,
+                                      settings.config.monitor)
+        self.opstats = OpStats()
+        self.sampler = metrics.Sampler(
+            lambda: iter(self.registry), host=self.host_report,
+            usage=self.alloc.usage_of, ops=lambda: self.opstats.histograms,
+            jobs=lambda: [(j.kind, j.state.value) for j in self.jobs.all()],
+            monitor=lambda: {"watched": len(self.monitor.signals),
+                             "tick_seconds": self.monitor.tick_seconds,
+                             "pending_restarts": len(self.monitor.healer.pending())})
+        self.metrics_registry = metrics.registry_of(self.sampler)
         # the browser: sign-in links (vmctl ui, vmctl vnc) and what each VM is doing
         self.links = LinkService(LinkTokens(), lambda n: self.registry.find(n) is not None)
         self.activity = Activity()
         # outermost first: every change is audited (refusals too), the permission is
         # checked before an operation waits for its VM's lock
         self.dispatcher = Dispatcher(self.handlers(), [
-            audit_guard(self.audit), disk_full_guard(state_dir),
+            self.opstats.guard(), audit_guard(self.audit), disk_full_guard(state_dir),
             access_guard(self.people), self.activity.guard(),
+            operation_events_guard(self.event_log_of),
             lock_guard(self.registry.locked)])
 
     def people(self, name: str) -> tuple[str | None, list[str]] | None:
         """Who may operate the VM ``name`` besides the operators (None: no such VM)."""
         vm = self.registry.find(name)
         return vm.people() if vm is not None else None
+
+    def event_log_of(self, name: str) -> EventLog | None:
+        vm = self.registry.find(name)
+        return vm.event_log if vm is not None else None
+
+    def host_report(self) -> dict:
+        """What the metrics say of the host (the host operation's figures)."""
+        return self.host_ops.report()
+
+    async def metrics(self, ctx: RequestContext) -> str:
+        return metrics.exposition(self.metrics_registry)
+
+    async def unistat(self, ctx: RequestContext) -> list:
+        return unistat.signals(self.sampler.sample())
 
     def image_users(self, image: str) -> list[str]:
         """What keeps an image from being removed or replaced: its VMs and templates."""
@@ -158,6 +189,7 @@ class Agent:
             "host_log": AuditService(self.audit).read,
             "events": History(self.registry).events,
             "vnc_link": self.links.vnc_link, "ui_link": self.links.ui_link,
+            "metrics": self.metrics, "unistat": self.unistat,
         }
         # every stream row opens what its row names (vmagent/vms/streams.py)
         for op in OPERATIONS:
@@ -171,11 +203,11 @@ class Agent:
         kernels = list(probe_kernels) + [i.kernel for i in self.images.list() if i.kernel]
         accel = await self.host.choose_accel(self.settings.state_dir, kernels)
         log.info("accel %s (%s); %d VM(s)", accel.name, accel.reason, len(self.registry))
-        self.watcher.start()
+        self.monitor.start()
 
     async def stop(self) -> None:
         """Stop the background work; the VMs keep running."""
-        await self.watcher.stop()
+        await self.monitor.stop()
         await self.builds.close()          # a running image build stops and cleans up
         await self.jobs.close()
         for vm in self.registry:

@@ -104,7 +104,8 @@ def _token_args(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="token_command", required=True)
     add = tsub.add_parser("add", help="make a token for USER and print it (once)")
     add.add_argument("user")
-    add.add_argument("--role", choices=("user", "operator"), default="user")
+    add.add_argument("--role", choices=("user", "operator", "metrics"), default="user",
+                     help="metrics: may read /v1/metrics and /v1/unistat only (a scraper)")
     lst = tsub.add_parser("list", help="the tokens (ids, users, roles; never the tokens)")
     rev = tsub.add_parser("revoke", help="revoke a token by its id")
     rev.add_argument("id")

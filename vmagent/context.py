@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 class Role(str, enum.Enum):
     OPERATOR = "operator"     # may do everything
     USER = "user"             # may create VMs and operate those they own or administer
+    METRICS = "metrics"       # may read the metrics (a Prometheus or Golovan scraper), no more
 
 
 class Transport(str, enum.Enum):
     UNIX = "unix"             # the agent's unix socket (local users, the SSH transport)
     TCP = "tcp"               # HTTP on a TCP listener (bearer tokens)
     WEB = "web"               # the web UI on the TCP listener (a browser's session)
-    INTERNAL = "internal"     # the agent itself (the watcher, a pool refill, tests)
+    INTERNAL = "internal"     # the agent itself (the monitor, a pool refill, tests)
 
 
 @dataclass(frozen=True)
@@ -50,5 +51,5 @@ class RequestContext:
 
     @classmethod
     def internal(cls, user: str = "vmagent") -> "RequestContext":
-        """The agent acting on its own (the watcher restarting a VM, a test)."""
+        """The agent acting on its own (the monitor restarting a VM, a test)."""
         return cls(Caller(user, Role.OPERATOR), Transport.INTERNAL)

@@ -29,7 +29,8 @@ TARGET_PARAM = {"vm": "name", "image": "image", "template": "template", "user": 
 #   owner     the target VM's owner and admins, and operators
 #   self      the caller for themself (``user`` absent or theirs), and operators
 #   operator  operators only
-ACCESS = ("any", "owner", "self", "operator")
+#   metrics   operators and metrics tokens (a token of role metrics may call nothing else)
+ACCESS = ("any", "owner", "self", "operator", "metrics")
 # what a stream operation connects to (vmagent/vms/streams.py opens them)
 STREAMS = ("console", "ssh", "vnc")
 
@@ -49,6 +50,8 @@ class Operation:
     timeout: float = DEFAULT_TIMEOUT   # how long a client waits for the answer
     created: bool = False         # success is 201 Created (unless a dry run)
     access_override: str | None = None   # see ACCESS; default derived in ``access``
+    text: bool = False            # answers text (a string), not JSON: content_type
+    content_type: str = "application/json"
 
     @property
     def access(self) -> str:
@@ -137,8 +140,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("snapshots", "GET", _VM + "/snapshots", "List the VM's snapshots",
               target="vm"),
     Operation("events", "GET", _VM + "/events",
-              "The VM's events (state changes), oldest first: the last limit of them",
-              target="vm", params=("limit",)),
+              "The VM's events (state changes with reasons, restarts, warnings, "
+              "operations), oldest first: the last limit of them (since: only those "
+              "after this time, epoch seconds)", target="vm", params=("limit", "since")),
     Operation("console_log", "GET", _VM + "/console/log",
               "The serial console log from byte offset on", target="vm",
               params=("offset", "tail")),
@@ -147,6 +151,15 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("tunnel", "GET", _VM + "/tunnel",
               "A TCP stream to the guest's SSH port (websocket)", target="vm",
               stream="ssh"),
+    # monitoring (vmagent/monitor/, docs/monitoring.md): scraped by Prometheus, Golovan
+    Operation("metrics", "GET", "/metrics",
+              "Every VM's signals (link_alive, net_alive, state, resources, restarts) and "
+              "the host's, in the Prometheus text format", access_override="metrics",
+              text=True, content_type="text/plain; version=0.0.4; charset=utf-8",
+              timeout=30.0),
+    Operation("unistat", "GET", "/unistat",
+              "The same signals as metrics in Golovan's unistat JSON: [[name, value], ...]",
+              access_override="metrics", timeout=30.0),
     # the browser (api/links.py, api/ui/): the screen, and links that sign a browser in
     Operation("vnc", "GET", _VM + "/vnc",
               "Attach to the VM's screen: RFB (VNC) over a websocket, as noVNC speaks it",

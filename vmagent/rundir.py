@@ -26,8 +26,11 @@ QMP_SOCK = "qmp.sock"
 CONSOLE_SOCK = "console.sock"
 VNC_SOCK = "vnc.sock"
 QGA_SOCK = "qga.sock"
+# a second QMP monitor, never used by the agent: for an operator (and the tests) to
+# inspect or drive qemu (set_link, stop) while the agent holds qmp.sock
+QMP_OPERATOR_SOCK = "qmp-operator.sock"
 CONSOLE_LOG = "console.log"
-SOCKETS = (QMP_SOCK, CONSOLE_SOCK, VNC_SOCK, QGA_SOCK)
+SOCKETS = (QMP_SOCK, CONSOLE_SOCK, VNC_SOCK, QGA_SOCK, QMP_OPERATOR_SOCK)
 RUNTIME_FILES = (PIDFILE, *SOCKETS)
 
 # a template's directory: the template VM's disk and logs, plus these

@@ -17,6 +17,12 @@ SSH_KEY_RE = re.compile(
     r"sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+( [^\r\n\x00]*)?$"
 )
 SEGMENTS = ("dev", "default", "gpu-dev")
+# what the agent does when a VM breaks (vmagent/monitor/healing.py): never restart it,
+# restart it when it failed (qemu died, the guest panicked, QMP hung), or also when the
+# guest powered itself off; never a VM its owner stopped
+RESTART_POLICIES = ("never", "on-failure", "always")
+# the default by segment: service and CI VMs (segment default) come back by themselves
+RESTART_DEFAULTS = {"default": "on-failure"}
 RESERVED_USERS = frozenset({
     "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
     "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "systemd-network",
@@ -163,6 +169,7 @@ class VMSpec:
     ram_limit: int | None = None       # bytes
     segment: str | None = None
     gpus: int | None = None            # PCI GPUs passed through (segment gpu-dev)
+    restart: str | None = None         # RESTART_POLICIES; None: by segment
 
     FIELDS = ()  # filled below
 
@@ -231,8 +238,18 @@ class VMSpec:
                     isinstance(gpus, str) and gpus.isdigit()):
                 raise BadRequest(f"gpus: expected a whole number, got {gpus!r}")
             spec.gpus = int(_number(int(gpus), "gpus", 0, MAX_GPUS))
+        if data.get("restart") is not None:
+            if data["restart"] not in RESTART_POLICIES:
+                raise BadRequest(f"restart: {str(data['restart'])[:40]!r} is not one of "
+                                 f"{', '.join(RESTART_POLICIES)}")
+            spec.restart = data["restart"]
         spec.check_allocation()
         return spec
+
+    @property
+    def restart_policy(self) -> str:
+        """The restart policy in force: the spec's, else its segment's default."""
+        return self.restart or RESTART_DEFAULTS.get(self.segment or "", "never")
 
     def check_allocation(self) -> None:
         """Consistency of the allocation fields as given; the host completes and
@@ -294,6 +311,7 @@ def apply_defaults(spec: VMSpec, defaults: Defaults = Defaults(),
     out.cpus = out.cpus or defaults.cpus
     out.memory = out.memory or defaults.memory
     out.segment = out.segment or defaults.segment
+    out.restart = out.restart or out.restart_policy
     out.admins = out.admins or list(defaults.admins)
     if out.disk is None:
         out.disk = max(defaults.disk, base_size or 0)

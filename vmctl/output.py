@@ -122,7 +122,11 @@ def vm_details(vm: dict) -> Table:
     table.add_column()
     rows = [
         ("name", vm.get("name")), ("state", _state(vm)),
-        ("reason", vm.get("reason")),
+        ("reason", vm.get("reason")), ("warning", vm.get("warning")),
+        ("alive", f"link {_yes(vm.get('link_alive'))}, net {_yes(vm.get('net_alive'))}"
+         if vm.get("state") == "running" else None),
+        ("restart", f"{vm.get('restart')} ({vm.get('restarts') or 0} restarts)"
+         if vm.get("restart") else None),
         ("image", spec.get("image")), ("cpus", spec.get("cpus")),
         ("memory", size(spec.get("memory"))), ("disk", size(spec.get("disk"))),
         ("segment", spec.get("segment")), ("gpus", spec.get("gpus") or None),

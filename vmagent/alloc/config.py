@@ -30,6 +30,17 @@ parent = "vmagent"               # VMs go in ROOT[/CONTROLLER]/PARENT/NAME
 [[gpu]]
 address = "0000:65:00.0"         # a PCI device bound to vfio-pci
 label = "A40"                    # optional, shown in the host report
+
+[monitor]                        # the 1 Hz checks and healing (docs/monitoring.md)
+interval = 1.0                   # seconds between checks of a VM
+link_timeout = 1.0               # the guest agent answers a ping within this
+net_timeout = 1.0                # sshd greets within this
+qmp_timeout = 10.0               # QMP unanswered this long: broken
+link_down_warning = 30.0         # the link down this long while qemu runs: a warning
+restart_backoff = 1.0            # first restart delay; doubles with each recent restart
+restart_backoff_max = 60.0
+crash_loop_restarts = 5          # this many restarts within crash_loop_window seconds,
+crash_loop_window = 600.0        # then it stays broken ("crash loop")
 ```
 
 Every key is optional; an unknown key, a wrong type or a bad value is an error naming
@@ -38,6 +49,7 @@ the file, the key and what is expected (:class:`ConfigError`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -81,6 +93,22 @@ class GPU:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    interval: float = 1.0
+    link_timeout: float = 1.0
+    net_timeout: float = 1.0
+    qmp_timeout: float = 10.0
+    link_down_warning: float = 30.0
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 60.0
+    crash_loop_restarts: int = 5
+    crash_loop_window: float = 600.0
+
+
+MONITOR_KEYS = tuple(f.name for f in dataclasses.fields(MonitorConfig))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     segments: tuple[str, ...] | None = None     # None: dev, default (+ gpu-dev w/ GPUs)
@@ -89,6 +117,7 @@ class AgentConfig:
     cpu_guarantee: float = 0.0                  # the default guarantee
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
     gpus: tuple[GPU, ...] = ()
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     path: Path | None = None
 
     @property
@@ -124,7 +153,8 @@ def parse(text: str, path: Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     r = _Reader(path)
-    r.known(data, "", {"name", "segments", "capacity", "defaults", "cgroup", "gpu"})
+    r.known(data, "", {"name", "segments", "capacity", "defaults", "cgroup", "gpu",
+                      "monitor"})
     kw: dict[str, Any] = {"path": path}
     if "name" in data:
         name = r.typed(data, "name", str)
@@ -198,6 +228,14 @@ def parse(text: str, path: Path) -> AgentConfig:
             raise r.error(where + "address", f"{addr} is listed twice")
         out.append(GPU(addr, str(g.get("label", ""))))
     kw["gpus"] = tuple(out)
+    mon = r.table(data, "monitor", set(MONITOR_KEYS))
+    mkw: dict[str, Any] = {}
+    for key in MONITOR_KEYS:
+        if key in mon:
+            whole = key == "crash_loop_restarts"
+            value = r.number(mon, key, "monitor.", 1 if whole else 0.01, integer=whole)
+            mkw[key] = int(value) if whole else value
+    kw["monitor"] = MonitorConfig(**mkw)
     return AgentConfig(**kw)
 
 

@@ -269,6 +269,15 @@ class Allocator:
             out["usage"] = self.cgroups.usage(vm.name)
         return out
 
+    def usage_of(self, vm: VMLike) -> dict[str, Any]:
+        """qemu's CPU seconds and memory from the VM's cgroup ({}: it has none)."""
+        if self.cgroups.kind == "none" or not self.cgroups.exists(vm.name):
+            return {}
+        try:
+            return self.cgroups.usage(vm.name)
+        except (OSError, VMAgentError):
+            return {}
+
     def report(self) -> dict[str, Any]:
         """What ``host`` reports of the allocation."""
         devices = []

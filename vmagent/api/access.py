@@ -7,7 +7,9 @@ on), so that no operation can skip it:
   ownership existed has no owner: it is the operators');
 * ``self``: a caller for themself (the ``user`` parameter absent or theirs), operators
   for anyone;
-* ``operator``: operators only.
+* ``operator``: operators only;
+* ``metrics``: operators and metrics tokens. A caller of role ``metrics`` (a scraper's
+  token) may call these rows and nothing else.
 
 Anyone else gets 403 with a message naming the target and the caller.
 """
@@ -18,7 +20,7 @@ import contextlib
 from typing import Any, AsyncIterator, Callable
 
 from vmagent.api.dispatch import Guard, target_of
-from vmagent.context import Caller, RequestContext
+from vmagent.context import Caller, RequestContext, Role
 from vmagent.errors import Forbidden
 from vmagent.ops import Operation
 
@@ -35,9 +37,17 @@ def check(op: Operation, ctx: RequestContext, params: dict[str, Any],
           people: People) -> None:
     caller = ctx.caller
     level = op.access
+    who = f"{caller.user} ({caller.role.value})"
+    if caller.role == Role.METRICS:
+        if level != "metrics":
+            raise Forbidden(f"{who} is a metrics token: it may read the metrics, not "
+                            f"{op.name}", operation=op.name, user=caller.user)
+        return
     if caller.is_operator or level == "any":
         return
-    who = f"{caller.user} ({caller.role.value})"
+    if level == "metrics":
+        raise Forbidden(f"{op.name} is for operators and metrics tokens; {who} may not",
+                        operation=op.name, user=caller.user)
     if level == "operator":
         raise Forbidden(f"{op.name} is for operators; {who} may not", operation=op.name,
                         user=caller.user)

@@ -11,6 +11,7 @@ operation gets all of them without a line of its own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 from pathlib import Path
@@ -49,6 +50,24 @@ def target_of(op: Operation, params: dict[str, Any]) -> str | None:
     key = op.target_param
     value = params.get(key) if key else None
     return value if isinstance(value, str) else None
+
+
+@contextlib.asynccontextmanager
+async def outcome(ended: Callable[[str], None]) -> AsyncIterator[None]:
+    """Around an operation: ``ended(result)`` once it ends, with ``ok``, the error's
+    code, ``cancelled`` or ``internal`` (anything else: a bug)."""
+    result = "internal"
+    try:
+        yield
+        result = "ok"
+    except VMAgentError as e:
+        result = e.code
+        raise
+    except asyncio.CancelledError:
+        result = "cancelled"
+        raise
+    finally:
+        ended(result)
 
 
 def disk_full_guard(state_dir: Path) -> Guard:

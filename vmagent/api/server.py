@@ -121,6 +121,9 @@ def _handler(dispatcher: Dispatcher, op: Operation) -> Callable[[web.Request], A
         result = await dispatcher.call(op, request[CONTEXT_KEY], params)
         if op.websocket:
             return await _websocket(request, result)
+        if op.text:
+            return web.Response(body=str(result).encode(),
+                                headers={"Content-Type": op.content_type})
         status = 201 if op.created and not result.get("dry_run") else 200
         return web.json_response(result, status=status)
 

@@ -105,8 +105,8 @@ class TokenStore:
         """A new token for ``user``: (its record, the token, shown once)."""
         if not isinstance(user, str) or not USER_RE.fullmatch(user):
             raise BadRequest(f"user {str(user)[:40]!r} is not a valid user name")
-        if role not in (Role.USER.value, Role.OPERATOR.value):
-            raise BadRequest(f"role {role!r}: use user or operator")
+        if role not in (Role.USER.value, Role.OPERATOR.value, Role.METRICS.value):
+            raise BadRequest(f"role {role!r}: use user, operator or metrics")
         token_id = os.urandom(6).hex()
         secret = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
         token = f"{PREFIX}{token_id}_{secret}"

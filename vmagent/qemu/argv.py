@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmagent.rundir import (CONSOLE_LOG, CONSOLE_SOCK, DISK, PIDFILE, QGA_SOCK, QMP_SOCK, SEED,
-                            VNC_SOCK)
+from vmagent.rundir import (CONSOLE_LOG, CONSOLE_SOCK, DISK, PIDFILE, QGA_SOCK,
+                            QMP_OPERATOR_SOCK, QMP_SOCK, SEED, VNC_SOCK)
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -83,6 +83,8 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-daemonize", "-pidfile", str(run / PIDFILE),
         "-chardev", f"socket,id=qmp,path={QMP_SOCK},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"socket,id=qmpop,path={QMP_OPERATOR_SOCK},server=on,wait=off",
+        "-mon", "chardev=qmpop,mode=control",
         "-chardev", (f"socket,id=serial0,path={CONSOLE_SOCK},server=on,wait=off,"
                      f"logfile={run / CONSOLE_LOG},logappend=on"),
         "-serial", "chardev:serial0",

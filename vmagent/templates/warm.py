@@ -157,5 +157,5 @@ class WarmCreator:
                     raise Timeout(f"{vm.name}: sshd did not answer after the restore")
         finally:
             banner.cancel()
-        vm.ssh_ready, vm.ssh_checked = True, time.monotonic()
+        vm.ssh_ready, vm.net_alive, vm.ssh_checked = True, True, time.monotonic()
         timings["ssh_s"] = round(time.monotonic() - t0, 3)

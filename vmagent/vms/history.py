@@ -15,7 +15,10 @@ class History:
     def __init__(self, registry: VMRegistry) -> None:
         self.registry = registry
 
-    async def events(self, ctx: RequestContext, name: str, limit: Any = 100) -> dict:
+    async def events(self, ctx: RequestContext, name: str, limit: Any = 100,
+                     since: Any = None) -> dict:
+        """The last ``limit`` events; with ``since`` (epoch seconds), only those after
+        it (``vmctl events --follow`` asks with the time of the last one it has)."""
         vm = self.registry.get(name)
         try:
             n = int(limit if limit not in (None, "") else 100)
@@ -23,4 +26,11 @@ class History:
             raise BadRequest("limit must be a whole number") from None
         if not 1 <= n <= MAX_LIMIT:
             raise BadRequest(f"limit: from 1 to {MAX_LIMIT}")
-        return {"name": vm.name, "events": vm.event_log.read(n)}
+        try:
+            after = None if since in (None, "") else float(since)
+        except (TypeError, ValueError):
+            raise BadRequest("since: expected epoch seconds") from None
+        events = vm.event_log.read(MAX_LIMIT if after is not None else n)
+        if after is not None:
+            events = [e for e in events if e.get("time", 0) > after][-n:]
+        return {"name": vm.name, "events": events}

@@ -25,6 +25,9 @@ class HostService:
         self.alloc = alloc
 
     async def show(self, ctx: RequestContext) -> dict:
+        return self.report()
+
+    def report(self) -> dict:
         running = [v for v in self.registry if v.rec.rt.state == State.RUNNING]
         # name, segments, resources (total, allocatable, guaranteed, free), allocation
         alloc = self.alloc.report() if self.alloc is not None else {}

@@ -1,5 +1,5 @@
 """The lifecycle of a VM that exists: start, shutdown, poweroff, reboot, reset,
-hard_reset, snapshot(s); and what happens when its qemu is found gone (the watcher) or
+hard_reset, snapshot(s); and what happens when its qemu is found gone (the monitor) or
 found running (re-adoption after an agent restart). Operations marked ``lock`` in the
 table run under the VM's lock (the dispatcher takes it)."""
 
@@ -46,8 +46,23 @@ class Lifecycle:
     async def start(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
         self.registry.need(vm, State.STOPPED, State.BROKEN)
-        await self.launcher.launch(vm)
+        vm.rec.rt.restart_times = []          # an operator acted: no crash loop now
+        await self._relaunch(vm)
         return vm_status(vm, ctx.caller.user)
+
+    async def restart(self, vm: VM, why: str | None = None) -> None:
+        """The restart policy's restart (vmagent/monitor/healing.py): a broken VM's
+        qemu (still there when it hangs or is paused) killed, and started again."""
+        log.info("%s: restarting (%s)", vm.name, why or "its policy")
+        await self._relaunch(vm)
+
+    async def _relaunch(self, vm: VM) -> None:
+        """Start qemu; a broken VM's qemu that is still there (paused on an I/O error,
+        hung) is killed first."""
+        await vm.detach()
+        if vm.machine.alive():
+            await vm.machine.kill_and_wait()
+        await self.launcher.launch(vm)
 
     async def shutdown(self, ctx: RequestContext, name: str, timeout: Any = None) -> dict:
         vm = self.registry.get(name)
@@ -95,10 +110,8 @@ class Lifecycle:
     async def hard_reset(self, ctx: RequestContext, name: str) -> dict:
         vm = self.registry.get(name)
         self.registry.need(vm, State.RUNNING, State.BROKEN)
-        await vm.detach()
-        if vm.machine.alive():
-            await vm.machine.kill_and_wait()
-        await self.launcher.launch(vm)
+        vm.rec.rt.restart_times = []          # an operator acted: no crash loop now
+        await self._relaunch(vm)
         return vm_status(vm, ctx.caller.user)
 
     async def snapshot(self, ctx: RequestContext, name: str, snapshot: Any = None) -> dict:

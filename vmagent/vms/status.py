@@ -42,9 +42,13 @@ def vm_status(vm: VM, caller: str | None = None) -> dict:
         # public halves of the host keys the agent gave the VM (null: learn them from the
         # console); vmctl pins them
         "ssh_host_keys": hostkeys.public(vm.host_keys) if vm.host_keys else None,
-        # what the 1 Hz watcher saw: qemu alive (link) and the guest's sshd greeting (net)
-        "link_alive": running and vm.machine.alive(),
-        "net_alive": running and vm.ssh_ready,
+        # what the 1 Hz monitor saw (vmagent/monitor/): the guest agent answered a ping
+        # (link) and the guest's sshd greeted (net); a warning (the link down too long)
+        "link_alive": running and vm.link_alive,
+        "net_alive": running and vm.net_alive,
+        "warning": vm.warning if running else None,
+        "restart": rec.spec.restart_policy,
+        "restarts": rt.restarts,
         "cloud_init": progress["cloud_init"] if running else None,
         "boot": {"started_at": rt.started_at if running else None,
                  "console_bytes": progress["console_bytes"],

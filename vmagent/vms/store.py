@@ -53,6 +53,10 @@ class Runtime:
     accounts: list[dict] | None = None  # its guest accounts (identity/accounts.py);
                                         # None: the spec's admins, as before people
     gpus: list[str] | None = None       # the PCI GPUs it last ran with (alloc/gpu.py)
+    restarts: int = 0                   # restarts by its restart policy, ever
+    restart_times: list[float] = field(default_factory=list)   # the recent ones (epoch
+                                        # seconds; the crash-loop window); an operator's
+                                        # start clears them (vmagent/monitor/healing.py)
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:

@@ -67,8 +67,14 @@ class VM:
         self.shutdowns = 0              # SHUTDOWN events seen since attach
         self.last_event: str | None = None
         self.panicked = False           # GUEST_PANICKED seen
-        self.ssh_ready = False
+        self.io_error: dict | None = None   # the last BLOCK_IO_ERROR's data
+        self.ssh_ready = False          # sshd greeted at least once in this boot
         self.ssh_checked = 0.0
+        # what the monitor (vmagent/monitor/) saw last: the guest agent answered
+        # (link), sshd greeted (net); a warning (the link down too long)
+        self.link_alive = False
+        self.net_alive = False
+        self.warning: str | None = None
         self._scan: tuple[int, int, dict] = (-1, -1, {})   # (offset, size, result)
         # the SSH host keys the agent made for it (None: the guest made its own)
         self.host_keys = hostkeys.load(rec.run_dir)
@@ -106,6 +112,9 @@ class VM:
     # --- process and QMP --------------------------------------------------------------
 
     async def launch(self, argv: list[str], prefix: list[str] = ()) -> int:
+        self.panicked, self.io_error, self.last_event = False, None, None
+        self.link_alive = self.net_alive = False
+        self.warning = None
         self.console.trim()
         before = self.console.size()          # the new boot's output starts here
         pid = await self.machine.launch(argv, prefix=prefix)
@@ -149,6 +158,8 @@ class VM:
                     self.shutdowns += 1
                 elif kind == "GUEST_PANICKED":
                     self.panicked = True
+                elif kind == "BLOCK_IO_ERROR":
+                    self.io_error = dict(event.get("data") or {})
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the monitor went away with qemu
@@ -168,6 +179,7 @@ class VM:
         self.rec.rt.boot_offset = self.console.size() if offset is None else offset
         self.ssh_ready = False
         self.ssh_checked = 0.0
+        self.net_alive = False
 
     # --- lifecycle primitives ---------------------------------------------------------
 
@@ -317,9 +329,11 @@ class VM:
 
     async def check_ssh(self) -> bool:
         port = self.rec.rt.ssh_port
-        self.ssh_ready = bool(port) and await ssh_banner("127.0.0.1", port)
+        greeted = bool(port) and await ssh_banner("127.0.0.1", port)
+        self.ssh_ready = self.ssh_ready or greeted
+        self.net_alive = greeted
         self.ssh_checked = time.monotonic()
-        return self.ssh_ready
+        return greeted
 
     async def wait_banner(self, limit: float, timeout: float = 20.0) -> bool:
         """Wait for sshd's banner with patient connections (short timeouts would only

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from vmagent.spec import SEGMENTS
+from vmagent.spec import RESTART_POLICIES, SEGMENTS
 
 from .. import output
 from ..app import App, command, pass_app
@@ -51,6 +51,9 @@ def spec_options(fn: Callable) -> Callable:
                           "(default); --memory defaults from it."),
         click.option("--gpus", type=click.IntRange(0, 8), metavar="N",
                      help="GPUs passed through (segment gpu-dev; default 1 there)."),
+        click.option("--restart", type=click.Choice(RESTART_POLICIES),
+                     help="Restart policy when it breaks: never, on-failure (default in "
+                          "segment default), always (also when the guest powers off)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -68,7 +71,7 @@ def spec_params(app: App, kw: dict[str, Any], *, default_key: bool) -> dict[str,
     for field in ("memory", "disk", "ram_guarantee", "ram_limit"):
         if kw.get(field) is not None:
             params[field] = size_arg(kw[field], field)
-    for field in ("cpu_guarantee", "cpu_limit", "segment", "gpus"):
+    for field in ("cpu_guarantee", "cpu_limit", "segment", "gpus", "restart"):
         if kw.get(field) is not None:
             params[field] = kw[field]
     if kw.get("admins"):
