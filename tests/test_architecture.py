@@ -23,6 +23,8 @@ LAYERS = {
     "vmagent.vms": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.alloc"},
     "vmagent.templates": {"vmagent.qemu", "vmagent.identity", "vmagent.images",
                           "vmagent.vms", "vmagent.alloc"},
+    "vmagent.pools": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.vms",
+                      "vmagent.templates", "vmagent.alloc"},
     "vmagent.api": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.vms",
                     "vmagent.templates", "vmagent.alloc"},
 }

@@ -56,6 +56,45 @@ def parse_size(value: Any, what: str = "size") -> int:
     raise BadRequest(f"{what}: cannot parse {value!r} as a size (examples: 2G, 512M, 20G)")
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+MAX_TTL = 30 * 86400
+
+
+def parse_duration(value: Any, what: str = "duration", maximum: int = MAX_TTL) -> int:
+    """Whole seconds from ``2h``, ``90m``, ``1h30m``, ``45s``, ``1d``, ``3600`` (a bare
+    number is seconds); more than 0 and at most ``maximum``."""
+    seconds: float | None = None
+    if isinstance(value, bool):
+        seconds = None
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().replace(" ", "")
+        parts = _DURATION_RE.findall(text)
+        if parts and "".join(n + u for n, u in parts).lower() == text.lower():
+            seconds = sum(float(n) * _DURATION_UNITS[(u or "s").lower()] for n, u in parts)
+    if seconds is None:
+        raise BadRequest(f"{what}: cannot parse {str(value)[:40]!r} as a duration "
+                         "(examples: 2h, 90m, 1h30m, 45s, 1d; a bare number is seconds)")
+    if not 0 < seconds <= maximum:
+        raise BadRequest(f"{what}: {format_duration(int(seconds))} is out of range "
+                         f"(1s..{format_duration(maximum)})")
+    return max(1, int(round(seconds)))
+
+
+def format_duration(seconds: int) -> str:
+    """``7200`` -> ``2h``, ``5400`` -> ``1h30m``, ``45`` -> ``45s``."""
+    if seconds <= 0:
+        return f"{seconds}s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out
+
+
 def format_size(n: int) -> str:
     """The shortest exact K/M/G/T form of ``n`` bytes (``2147483648`` -> ``2G``)."""
     for unit in ("T", "G", "M", "K"):
@@ -163,6 +202,8 @@ class VMSpec:
     ram_limit: int | None = None       # bytes
     segment: str | None = None
     gpus: int | None = None            # PCI GPUs passed through (segment gpu-dev)
+    ephemeral: bool = False            # deleted, disk included, once it powers off
+    ttl: int | None = None             # seconds after its creation it is deleted
 
     FIELDS = ()  # filled below
 
@@ -231,6 +272,10 @@ class VMSpec:
                     isinstance(gpus, str) and gpus.isdigit()):
                 raise BadRequest(f"gpus: expected a whole number, got {gpus!r}")
             spec.gpus = int(_number(int(gpus), "gpus", 0, MAX_GPUS))
+        if data.get("ephemeral") is not None:
+            spec.ephemeral = parse_flag(data["ephemeral"], "ephemeral")
+        if data.get("ttl") is not None:
+            spec.ttl = parse_duration(data["ttl"], "ttl")
         spec.check_allocation()
         return spec
 

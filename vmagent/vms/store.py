@@ -53,6 +53,8 @@ class Runtime:
     accounts: list[dict] | None = None  # its guest accounts (identity/accounts.py);
                                         # None: the spec's admins, as before people
     gpus: list[str] | None = None       # the PCI GPUs it last ran with (alloc/gpu.py)
+    launched_in: str | None = None      # the run dir its running qemu started in, when
+                                        # the VM was renamed since (registry.rename)
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +137,15 @@ class Store:
 
     def save_argv(self, rec: VMRecord, argv: list[str]) -> None:
         atomic_write_json(rec.run_dir / rundir.ARGV, argv)   # a plain list: for people
+
+    def rename(self, rec: VMRecord, new: str) -> None:
+        """Move a VM's run dir to the name ``new`` (one rename; FileExistsError if the
+        name is taken)."""
+        target = self.run_dir(new)
+        if target.exists():
+            raise FileExistsError(str(target))
+        rec.run_dir.rename(target)
+        rec.run_dir, rec.name = target, new
 
     def remove(self, name: str) -> None:
         remove_dir(self.run_dir(name))
