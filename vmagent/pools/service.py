@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from vmagent.context import RequestContext
 from vmagent.errors import BadRequest, Conflict, NotFound, VMAgentError
 from vmagent.pools.handover import Handover
+from vmagent.pools.warmup import Warmup
 from vmagent.pools.store import (PoolDef, PoolStore, check_pool_name, check_size,
                                  read_mark, write_mark)
 from vmagent.spec import VMSpec
@@ -32,7 +33,7 @@ from vmagent.templates.store import Template
 from vmagent.templates.warm import WarmCreator
 from vmagent.vms.registry import VMRegistry
 from vmagent.vms.state import State
-from vmagent.vms.status import vm_status
+from vmagent.vms.status import ssh_user, vm_status
 from vmagent.vms.vm import VM
 
 if TYPE_CHECKING:                     # pragma: no cover
@@ -254,30 +255,41 @@ class PoolService:
         creating = (self.alloc.creating(name) if self.alloc is not None
                     else contextlib.nullcontext())
         t0 = time.monotonic()
+        warmup = Warmup()
         try:
+            key = await warmup.make_key()
             with creating:      # what the create reserved: held by the member after it
                 await self.warm.create(ctx, pool.template, {"name": name,
-                                                            "ephemeral": True},
+                                                            "ephemeral": True,
+                                                            "ssh_keys": [key]},
                                        dry_run=False, start=True,
                                        mark=lambda d: write_mark(d, pool.name, False))
             vm = self.registry.get(name)
             async with vm.lock:
+                # its sshd translated once (TCG keeps it while paused); the key goes
+                # at the hand-over, which writes the taker's keys only
+                warmed = await warmup.login(ssh_user(vm, pool.owner), vm.rec.rt.ssh_port)
+                warmup.close()
+                vm.rec.spec.ssh_keys = []
+                self.registry.store.save_spec(vm.rec)
                 await vm.qmp("stop")
                 vm.ssh_checked = float("inf")         # paused: no banner to check
                 write_mark(vm.run_dir, pool.name, True)
             self.errors.pop(pool.name, None)
             self.retry_at.pop(pool.name, None)
-            log.info("pool %s: member %s ready in %.1fs", pool.name, name,
-                     time.monotonic() - t0)
-        except VMAgentError as e:
-            self.errors[pool.name] = e.message
+            log.info("pool %s: member %s ready in %.1fs%s", pool.name, name,
+                     time.monotonic() - t0, "" if warmed else " (its sshd not warmed)")
+        except (VMAgentError, OSError) as e:
+            message = e.message if isinstance(e, VMAgentError) else str(e)
+            self.errors[pool.name] = message
             self.retry_at[pool.name] = time.monotonic() + RETRY
-            log.warning("pool %s: making a member failed: %s", pool.name, e.message)
+            log.warning("pool %s: making a member failed: %s", pool.name, message)
             vm = self.registry.find(name)
             if vm is not None:
                 async with vm.lock:
                     await self.remove(vm)
         finally:
+            warmup.close()
             self.filling.pop(pool.name, None)
             if pool.name in self.pools:
                 self._reserve(pool, pool.size - len(self.members(pool.name)))
