@@ -28,6 +28,10 @@ EXPECT = {
     "parallel_create.py": {"all_at_once_s", "bare_all_at_once_s", "create_request_s_max",
                            "qemu_start_spread_s", "per_vm_ssh_s"},
     "qemu_overhead.py": {"points_mib", "overhead_mib", "overhead_max_mib", "oom_kills"},
+    "ci_throughput.py": {"cold_jobs_per_minute", "template_jobs_per_minute",
+                         "pool_jobs_per_minute", "pool_first_output_s",
+                         "template_first_output_s", "template_parallel2", "pool_parallel2",
+                         "goal_met"},
     "warm_start.py": {"cold_seconds", "template_create_seconds", "warm_vmctl_median",
                       "warm_api_median", "warm_over_cold", "warm_api_detail"},
 }

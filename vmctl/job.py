@@ -35,7 +35,8 @@ KEEP_MARGIN = 3600        # and, with --keep-on-failure, the time to look at a f
 DEFAULT_TTL = 6 * 3600    # the VM's TTL when the job has no timeout
 TIMED_OUT = 124           # the exit code of a job that ran out of time (as timeout(1))
 SIGNALLED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
-WORKDIR = "job"           # in the guest, under the SSH user's home
+WORKDIR = "job"
+POOL_WAIT = 900           # how long a job waits for an empty pool without a timeout           # in the guest, under the SSH user's home
 
 
 class Interrupted(Exception):
@@ -161,10 +162,28 @@ class Job:
             params["ssh_keys"] = [pair.public_text()]
         decision = None if self.spec.pool else placement.plan(self.app, self.name, params)
         self.created = True        # from here on a VM may exist: it is deleted at the end
-        status, placed = placement.create(self.app, self.name, params, decision)
+        status, placed = self._create_call(placement, params, decision)
         self.status = status
         self.record["host"] = (placed or {}).get("chosen") or self.app.target.label
         self.record["handover"] = status.get("handover") or status.get("warm")
+
+    def _create_call(self, placement: Any, params: dict, decision: Any) -> tuple:
+        """The create; a pool with no ready VM is waited for (it is being refilled),
+        within the job's timeout (else POOL_WAIT)."""
+        limit = self.spec.timeout if self.spec.timeout is not None else POOL_WAIT
+        said = False
+        while True:
+            try:
+                return placement.create(self.app, self.name, params, decision)
+            except AgentError as e:
+                empty = e.code == "conflict" and (e.details or {}).get("refused") == "empty"
+                if not empty or time.monotonic() - self.t0 > limit:
+                    raise
+                if not said:
+                    self.app.out.info(f"vmctl: pool {self.spec.pool} has no ready VM; "
+                                      "waiting for its refill")
+                    said = True
+                time.sleep(0.5)
 
     def _ssh(self, command: str) -> list[str]:
         from . import vmssh
