@@ -29,6 +29,14 @@ async def template(agent) -> None:
     await call(agent, "key_add", keys=KEY)
 
 
+async def pool_of_one(agent, pool: str) -> str:
+    """A template and a pool of 1 on it, filled: its member's name."""
+    await template(agent)
+    await call(agent, "pool_create", pool=pool, template="tpl", size=1)
+    (member,) = await filled(agent, pool, 1)
+    return member
+
+
 def ready(agent, pool: str) -> list[str]:
     return [vm.name for vm in agent.pools.members(pool, ready=True)]
 
@@ -136,9 +144,7 @@ def test_an_empty_pool_says_so(stub):
 def test_pools_and_taken_vms_survive_a_restart_and_remove(stub):
     async def body():
         async with stub.running() as agent:
-            await template(agent)
-            await call(agent, "pool_create", pool="r", template="tpl", size=1)
-            await filled(agent, "r", 1)
+            await pool_of_one(agent, "r")
             await call(agent, "create", name="took", pool="r", ssh_keys=[KEY])
             await filled(agent, "r", 1)
             left = ready(agent, "r")
@@ -158,9 +164,7 @@ def test_pools_and_taken_vms_survive_a_restart_and_remove(stub):
 def test_a_member_that_was_not_ready_is_made_again_after_a_restart(stub):
     async def body():
         async with stub.running() as agent:
-            await template(agent)
-            await call(agent, "pool_create", pool="n", template="tpl", size=1)
-            (old,) = await filled(agent, "n", 1)
+            old = await pool_of_one(agent, "n")
             mark = agent.registry.get(old).run_dir / rundir.POOL_MEMBER
         mark.write_text(json.dumps({"pool": "n", "ready": False}))
         async with stub.running() as again:
