@@ -700,7 +700,7 @@ def main(argv: list[str]) -> int:
         print("Copyright (c) nobody: a test stub")
         return 0
     args = Args(argv)
-    run_dir = Path.cwd()
+    run_dir = Path(os.curdir)     # relative: it follows the run dir when renamed
     control = Control(run_dir, args.name)
     fail = control.consume_fail()
     if fail:

@@ -25,6 +25,8 @@ LAYERS = {
                           "vmagent.vms", "vmagent.alloc"},
     "vmagent.monitor": {"vmagent.qemu", "vmagent.identity", "vmagent.images",
                         "vmagent.vms", "vmagent.alloc"},
+    "vmagent.pools": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.vms",
+                      "vmagent.templates", "vmagent.alloc"},
     "vmagent.api": {"vmagent.qemu", "vmagent.identity", "vmagent.images", "vmagent.vms",
                     "vmagent.templates", "vmagent.alloc", "vmagent.monitor"},
 }

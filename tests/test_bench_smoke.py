@@ -30,6 +30,10 @@ EXPECT = {
     "qemu_overhead.py": {"points_mib", "overhead_mib", "overhead_max_mib", "oom_kills"},
     "monitor_cost.py": {"agent_cpu_percent", "per_vm_cpu_percent", "at_100_vms_cpu_percent",
                         "broken_after_kill_s", "goal_broken_met"},
+    "ci_throughput.py": {"cold_jobs_per_minute", "template_jobs_per_minute",
+                         "pool_jobs_per_minute", "pool_first_output_s",
+                         "template_first_output_s", "template_parallel2", "pool_parallel2",
+                         "goal_met"},
     "warm_start.py": {"cold_seconds", "template_create_seconds", "warm_vmctl_median",
                       "warm_api_median", "warm_over_cold", "warm_api_detail"},
 }

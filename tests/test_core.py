@@ -232,3 +232,15 @@ def test_every_row_names_its_target_consistently():
             assert op.target == "vm", op
         assert (op.stream is None) or op.stream in ops.STREAMS
         assert op.timeout > 0
+
+
+def test_an_ephemeral_vm_is_never_restarted():
+    """Healing and ephemeral deletion would race for a broken ephemeral VM: the spec
+    refuses the combination and the policy in force is never."""
+    from vmagent.spec import VMSpec
+    spec = VMSpec.from_dict({"name": "job1", "image": "test", "ephemeral": True,
+                             "segment": "default"})
+    assert spec.restart_policy == "never"
+    with pytest.raises(BadRequest, match="ephemeral"):
+        VMSpec.from_dict({"name": "job1", "image": "test", "ephemeral": True,
+                          "restart": "always"})

@@ -39,11 +39,14 @@ from vmagent.ops import OPERATIONS
 from vmagent.qemu.argv import QEMU_BINARY
 from vmagent.qemu.host import QemuHost
 from vmagent.spec import Defaults
+from vmagent.pools.service import PoolService
+from vmagent.pools.store import PoolStore
 from vmagent.templates.service import TemplateService
 from vmagent.templates.store import TemplateStore
 from vmagent.templates.warm import WarmCreator
 from vmagent.vms.create import Creator
 from vmagent.vms.events import EventLog
+from vmagent.vms.ephemeral import Ephemeral
 from vmagent.vms.history import History
 from vmagent.vms.host import HostService
 from vmagent.vms.launcher import Launcher, PortAllocator
@@ -112,9 +115,16 @@ class Agent:
         self.templates = TemplateService(TemplateStore(state_dir / "templates"),
                                          self.registry, self.creator, self.host,
                                          settings.defaults, self.jobs)
+        self.warm = WarmCreator(self.creator, self.templates, self.host)
         self.vms = VMService(self.registry, self.creator, self.lifecycle, self.images,
-                             settings.defaults,
-                             warm=WarmCreator(self.creator, self.templates, self.host))
+                             settings.defaults, warm=self.warm)
+        # warm pools: paused clones handed over by create with pool=P
+        self.pools = PoolService(PoolStore(state_dir / "pools"), self.registry, self.warm,
+                                 self.templates, self.vms.remove, self.alloc)
+        self.vms.pools = self.pools
+        # ephemeral VMs go when they power off, VMs with a TTL when it passes
+        self.ephemeral = Ephemeral(self.registry, self.vms.remove)
+        self.registry.hooks.append(self.ephemeral.on_state)
         self.builds = Builds(state_dir, self.images, settings.catalog, self.jobs)
         self.image_ops = ImageService(self.images, self.builds, self.pulls, self.host,
                                       state_dir, users=self.image_users)
@@ -185,6 +195,8 @@ class Agent:
             "image_build_status": img.build_status,
             "template_create": tpl.create, "template_list": tpl.list,
             "template_show": tpl.show, "template_remove": tpl.remove,
+            "pool_create": self.pools.create, "pool_list": self.pools.list,
+            "pool_show": self.pools.show, "pool_remove": self.pools.remove_pool,
             "key_list": keys.list, "key_add": keys.add, "key_remove": keys.remove,
             "host_log": AuditService(self.audit).read,
             "events": History(self.registry).events,
@@ -200,14 +212,19 @@ class Agent:
     async def start(self, probe_kernels: list[Path] = ()) -> None:
         """Re-adopt the VMs, choose the accelerator, start watching."""
         await self.vms.adopt()
+        await self.ephemeral.sweep()       # powered off (or expired) while we were down
+        await self.pools.start()           # definitions read back, members re-found
         kernels = list(probe_kernels) + [i.kernel for i in self.images.list() if i.kernel]
         accel = await self.host.choose_accel(self.settings.state_dir, kernels)
         log.info("accel %s (%s); %d VM(s)", accel.name, accel.reason, len(self.registry))
         self.monitor.start()
+        self.ephemeral.start()
 
     async def stop(self) -> None:
         """Stop the background work; the VMs keep running."""
         await self.monitor.stop()
+        await self.ephemeral.stop()
+        await self.pools.stop()
         await self.builds.close()          # a running image build stops and cleans up
         await self.jobs.close()
         for vm in self.registry:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from vmagent.spec import VMSpec
 
 API_PREFIX = "/v1"
-TARGETS = ("vm", "image", "template", "host", "user")
+TARGETS = ("vm", "image", "template", "pool", "host", "user")
 # the parameter that names an operation's target (the host needs none)
-TARGET_PARAM = {"vm": "name", "image": "image", "template": "template", "user": "user"}
+TARGET_PARAM = {"vm": "name", "image": "image", "template": "template", "pool": "pool",
+                "user": "user"}
 # who may call an operation (vmagent/api/access.py checks it for every request):
 #   any       every authenticated caller
 #   owner     the target VM's owner and admins, and operators
@@ -109,9 +110,10 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("list", "GET", "/vms",
               "The VMs the caller may operate (all of them: operators with all)",
               target="vm", params=("all",)),
-    Operation("create", "POST", "/vms", "Create a VM from a spec and start it",
+    Operation("create", "POST", "/vms", "Create a VM from a spec and start it (warm from "
+              "a template, or taken from a warm pool)",
               target="vm", lock=True, timeout=900.0, created=True,
-              params=("name", *_SPEC, "dry_run", "start", "template")),
+              params=("name", *_SPEC, "dry_run", "start", "template", "pool")),
     Operation("status", "GET", _VM, "One VM: spec, state, pid, accel, SSH port, "
               "readiness (ssh, cloud-init)", target="vm"),
     Operation("delete", "DELETE", _VM, "Stop the VM and remove all its files",
@@ -209,6 +211,19 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("template_remove", "DELETE", "/templates/{template}",
               "Remove a template (refused while VMs use it, unless force)",
               target="template", params=("force",)),
+    # warm pools (pools/): clones of a template kept restored and paused; create with
+    # pool=P takes one
+    Operation("pool_create", "POST", "/pools",
+              "Keep size clones of a template restored, re-identified and paused (their "
+              "guarantees held on the host); refilled after every take",
+              target="pool", created=True, params=("pool", "template", "size")),
+    Operation("pool_list", "GET", "/pools",
+              "All warm pools: template, size, ready members, the last fill error",
+              target="pool"),
+    Operation("pool_show", "GET", "/pools/{pool}", "One warm pool", target="pool"),
+    Operation("pool_remove", "DELETE", "/pools/{pool}",
+              "Remove a warm pool and delete its members (VMs taken from it stay)",
+              target="pool", timeout=300.0),
     # the key registry (identity/keys.py): whose SSH keys get into VMs
     Operation("key_list", "GET", "/keys", "A person's SSH public keys (default: the "
               "caller's) and where they come from", target="user", params=("user",)),

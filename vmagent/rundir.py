@@ -20,6 +20,7 @@ DISK = "disk.qcow2"             # the instance disk: a qcow2 overlay on its base
 SEED = "seed.iso"               # cloud-init NoCloud
 HOST_KEYS = "host_keys.json"    # the SSH host keys the agent made for the VM (0600)
 CLONE_OF = "template"           # in a warm-started clone: its template's name
+POOL_MEMBER = "pool.json"       # in a warm pool's member: its pool, whether it is ready
 # what qemu makes while it runs
 PIDFILE = "qemu.pid"
 QMP_SOCK = "qmp.sock"

@@ -41,7 +41,7 @@ from vmagent.images.catalog import Catalog, default_catalog_dir
 log = logging.getLogger("vmagent")
 
 DEFAULT_SOCKET_GROUP = "vmagent"
-PRIVATE = ("vms", "images", "templates", "builds", "keys", "cache")
+PRIVATE = ("vms", "images", "templates", "builds", "keys", "cache", "pools")
 
 
 class StartupError(Exception):

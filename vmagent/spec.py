@@ -62,6 +62,45 @@ def parse_size(value: Any, what: str = "size") -> int:
     raise BadRequest(f"{what}: cannot parse {value!r} as a size (examples: 2G, 512M, 20G)")
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+MAX_TTL = 30 * 86400
+
+
+def parse_duration(value: Any, what: str = "duration", maximum: int = MAX_TTL) -> int:
+    """Whole seconds from ``2h``, ``90m``, ``1h30m``, ``45s``, ``1d``, ``3600`` (a bare
+    number is seconds); more than 0 and at most ``maximum``."""
+    seconds: float | None = None
+    if isinstance(value, bool):
+        seconds = None
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().replace(" ", "")
+        parts = _DURATION_RE.findall(text)
+        if parts and "".join(n + u for n, u in parts).lower() == text.lower():
+            seconds = sum(float(n) * _DURATION_UNITS[(u or "s").lower()] for n, u in parts)
+    if seconds is None:
+        raise BadRequest(f"{what}: cannot parse {str(value)[:40]!r} as a duration "
+                         "(examples: 2h, 90m, 1h30m, 45s, 1d; a bare number is seconds)")
+    if not 0 < seconds <= maximum:
+        raise BadRequest(f"{what}: {format_duration(int(seconds))} is out of range "
+                         f"(1s..{format_duration(maximum)})")
+    return max(1, int(round(seconds)))
+
+
+def format_duration(seconds: int) -> str:
+    """``7200`` -> ``2h``, ``5400`` -> ``1h30m``, ``45`` -> ``45s``."""
+    if seconds <= 0:
+        return f"{seconds}s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out
+
+
 def format_size(n: int) -> str:
     """The shortest exact K/M/G/T form of ``n`` bytes (``2147483648`` -> ``2G``)."""
     for unit in ("T", "G", "M", "K"):
@@ -170,6 +209,8 @@ class VMSpec:
     segment: str | None = None
     gpus: int | None = None            # PCI GPUs passed through (segment gpu-dev)
     restart: str | None = None         # RESTART_POLICIES; None: by segment
+    ephemeral: bool = False            # deleted, disk included, once it powers off
+    ttl: int | None = None             # seconds after its creation it is deleted
 
     FIELDS = ()  # filled below
 
@@ -243,12 +284,23 @@ class VMSpec:
                 raise BadRequest(f"restart: {str(data['restart'])[:40]!r} is not one of "
                                  f"{', '.join(RESTART_POLICIES)}")
             spec.restart = data["restart"]
+        if data.get("ephemeral") is not None:
+            spec.ephemeral = parse_flag(data["ephemeral"], "ephemeral")
+        if data.get("ttl") is not None:
+            spec.ttl = parse_duration(data["ttl"], "ttl")
+        if spec.ephemeral and spec.restart not in (None, "never"):
+            raise BadRequest(f"restart: an ephemeral VM is deleted when it stops or "
+                             f"breaks, it cannot be restarted ({spec.restart!r})")
         spec.check_allocation()
         return spec
 
     @property
     def restart_policy(self) -> str:
-        """The restart policy in force: the spec's, else its segment's default."""
+        """The restart policy in force: the spec's, else its segment's default. An
+        ephemeral VM is never restarted: it is deleted once it stops or breaks
+        (vmagent/vms/ephemeral.py), whatever its policy says."""
+        if self.ephemeral:
+            return "never"
         return self.restart or RESTART_DEFAULTS.get(self.segment or "", "never")
 
     def check_allocation(self) -> None:

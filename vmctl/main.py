@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .app import App, Group
 from .commands import (browser, completion, console, create, events, host, image, key,
-                       ssh, template, vm)
+                       pool, run, ssh, template, vm)
 from .errors import CLIError
 
 
@@ -106,8 +106,8 @@ def cli(ctx: click.Context) -> None:
     ctx.ensure_object(App)
 
 
-for _module in (create, vm, events, ssh, console, browser, image, host, template, key,
-                completion):
+for _module in (create, vm, events, ssh, console, browser, image, host, template, pool, run,
+                key, completion):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

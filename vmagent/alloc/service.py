@@ -132,6 +132,27 @@ class Allocator:
             self.ledger.hold(spec.name, want, spec.segment)
         log.info("%s: admitted %s on %s", spec.name, want.to_json(), self.name)
 
+    def reserve(self, key: str, spec: VMSpec, count: int, check: bool = False) -> None:
+        """Hold ``count`` times a sized spec's guarantees under ``key`` (not a VM: a warm
+        pool's empty places); with ``check``, 409 when they do not fit. Count 0 frees."""
+        self.ledger.release(key)
+        if count <= 0:
+            return
+        one = demand(self.size(spec))
+        want = Demand(one.cpu * count, one.ram * count, one.gpus * count)
+        if check:
+            self.ledger.hold(key, want, spec.segment)
+        else:
+            self.ledger.in_flight[key] = want
+
+    def renamed(self, old: str, vm: VMLike) -> None:
+        """A VM got another name: its qemu moves to the cgroup of the new one."""
+        try:
+            self.ensure(vm, "renamed")
+            self.cgroups.remove(old)
+        except VMAgentError as e:
+            log.error("%s: its cgroup could not be moved: %s", vm.name, e.message)
+
     def admit_change(self, name: str, new: VMSpec) -> None:
         """push_config: the VM's new guarantees in place of its old ones."""
         self.ledger.check(name, demand(new), None, exclude=name)

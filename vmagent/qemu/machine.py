@@ -62,6 +62,9 @@ def _running(pid: int, starttime: str) -> bool:
 class Machine:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
+        # the run dir the running qemu was started in, when the VM's directory was
+        # renamed since (a pool member handed over under its final name)
+        self.launched_in: Path | None = None
         self._seen: tuple[int, str] | None = None   # (pid, starttime) of our qemu
 
     @property
@@ -76,7 +79,7 @@ class Machine:
             return None
         if pid <= 1 or _is_zombie(pid):
             return None
-        if not qargv.owns_cmdline(read_cmdline(pid), self.run_dir):
+        if not qargv.owns_cmdline(read_cmdline(pid), self.launched_in or self.run_dir):
             return None
         fields = _proc_stat(pid)
         if fields is not None:
@@ -88,6 +91,7 @@ class Machine:
 
     async def launch(self, argv: list[str], timeout: float = LAUNCH_TIMEOUT,
                      prefix: list[str] = ()) -> int:
+        self.launched_in = None
         """Start qemu (it daemonizes once its devices are set up) and return its pid.
         ``prefix`` runs first and execs qemu (it puts qemu into its cgroup:
         :meth:`vmagent.alloc.cgroup.Cgroups.wrap`); errors name qemu's argv."""

@@ -14,7 +14,7 @@ import shlex
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vmagent import rundir
 from vmagent.context import RequestContext
@@ -46,7 +46,10 @@ class WarmCreator:
         self.host = host
 
     async def create(self, ctx: RequestContext, template: Any, fields: dict[str, Any],
-                     dry_run: bool, start: bool) -> dict:
+                     dry_run: bool, start: bool,
+                     mark: Callable[[Path], None] | None = None) -> dict:
+        """``mark``: writes what else the clone's run dir holds before it appears (a
+        warm pool's membership)."""
         if not isinstance(template, str):
             raise BadRequest("template: expected a template name")
         tpl = self.templates.templates.get(template)
@@ -100,6 +103,8 @@ class WarmCreator:
                     hostkeys.save(run_dir, keys)
                 else:                         # vmctl finds them in the console log
                     ConsoleLog(run_dir / rundir.CONSOLE_LOG).append(console_key_block(keys))
+                if mark is not None:
+                    mark(run_dir)
 
             rec = await self.creator.provisioner.stage(spec, rt, tpl.disk_path, "qcow2",
                                                        files, clone_files)
@@ -118,8 +123,10 @@ class WarmCreator:
         return {**vm_status(vm, ctx.caller.user), "template": tpl.name,
                 "host_keys": hostkeys.public(keys), "warm": timings}
 
-    async def _reidentify(self, vm: VM, tpl: Template, keys: hostkeys.Keys,
-                          timings: dict[str, Any]) -> None:
+    async def reidentify(self, vm: VM, tpl: Template, keys: hostkeys.Keys,
+                         timings: dict[str, Any]) -> None:
+        """The clone's identity (hostname, machine-id, host keys, its people's keys,
+        the RNG and the clock) through the guest agent, as root."""
         args = reidentify_argv(vm.name, vm.accounts, keys, uuid.uuid4().hex, time.time(),
                                os.urandom(64), tpl.admins)
         code, out = await guest_exec(vm.qga, vm.name, "/usr/bin/perl", args, timeout=120,
@@ -150,7 +157,7 @@ class WarmCreator:
         # translates sshd again), so the wait for its banner overlaps the re-identification
         banner = asyncio.create_task(vm.wait_banner(BANNER_WAIT))
         try:
-            await self._reidentify(vm, tpl, keys, timings)
+            await self.reidentify(vm, tpl, keys, timings)
             timings["reidentify_s"] = round(time.monotonic() - loaded, 3)
             if not await banner:   # it may have raced with the host key change: again
                 if not await vm.wait_banner(BANNER_WAIT):

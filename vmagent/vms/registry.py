@@ -63,6 +63,29 @@ class VMRegistry:
         vm.lock = self._name_locks.pop(rec.name, vm.lock)
         return vm
 
+    def rename(self, vm: VM, new: str) -> None:
+        """Give a VM another name (its run dir moves; a running qemu keeps running and
+        is still recognised as the VM's: ``launched_in``). The caller holds its lock."""
+        check_name(new)
+        if new in self._vms:
+            raise Conflict(f"a VM named {new!r} already exists", vm=new)
+        old, old_dir = vm.name, vm.run_dir
+        if vm.machine.launched_in is None and vm.machine.alive():
+            vm.machine.launched_in = old_dir.resolve()
+            vm.rec.rt.launched_in = str(vm.machine.launched_in)
+        try:
+            self.store.rename(vm.rec, new)
+        except FileExistsError:
+            raise Conflict(f"a VM named {new!r} already exists", vm=new) from None
+        vm.rec.spec.name = new
+        vm.machine.run_dir = vm.run_dir
+        self._vms.pop(old, None)
+        self._vms[new] = vm
+        self._name_locks.pop(new, None)     # the VM's own lock guards the name now
+        self.store.save(vm.rec)
+        vm.event_log.append("renamed", **{"from": old, "to": new})
+        log.info("%s: renamed %s", old, new)
+
     def discard(self, name: str) -> None:
         self._vms.pop(name, None)
 

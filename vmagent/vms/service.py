@@ -36,6 +36,13 @@ class WarmCreate(Protocol):
                      dry_run: bool, start: bool) -> dict: ...
 
 
+class PoolTake(Protocol):
+    """Takes a VM from a warm pool (:mod:`vmagent.pools.service`)."""
+
+    async def take(self, ctx: RequestContext, pool: Any, fields: dict[str, Any],
+                   dry_run: bool) -> dict: ...
+
+
 class VMService:
     def __init__(self, registry: VMRegistry, creator: Creator, lifecycle: Lifecycle,
                  images: ImageStore, defaults: Defaults,
@@ -46,6 +53,7 @@ class VMService:
         self.images = images
         self.defaults = defaults
         self.warm = warm
+        self.pools: PoolTake | None = None      # the warm pools, when the agent has them
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -115,8 +123,17 @@ class VMService:
     # --- create / delete / config -------------------------------------------------------
 
     async def create(self, ctx: RequestContext, dry_run: Any = False, start: Any = True,
-                     template: Any = None, **fields: Any) -> dict:
+                     template: Any = None, pool: Any = None, **fields: Any) -> dict:
         dry_run, start = parse_flag(dry_run, "dry_run"), parse_flag(start, "start")
+        if pool not in (None, ""):
+            if template not in (None, ""):
+                raise BadRequest("pool and template: give one (a pool's VMs are clones of "
+                                 "its template)")
+            if self.pools is None:
+                raise BadRequest("pool: warm pools are not available on this agent")
+            if not start:
+                raise BadRequest("start: a VM taken from a pool is running")
+            return await self.pools.take(ctx, pool, fields, dry_run)
         if template not in (None, ""):
             if self.warm is None:
                 raise BadRequest("template: warm starts are not available on this agent")
@@ -140,6 +157,11 @@ class VMService:
         vm = self.registry.get(name)
         await self._remove(vm)
         return {"deleted": name}
+
+    async def remove(self, vm: VM) -> None:
+        """Delete a VM the agent itself decided to delete (vms/ephemeral.py); the caller
+        holds its lock."""
+        await self._remove(vm)
 
     async def _remove(self, vm: VM) -> None:
         """Stop the VM and remove its run dir. Works on a full file system: the state

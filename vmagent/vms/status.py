@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vmagent.identity import hostkeys
 from vmagent.identity.accounts import account_of
+from vmagent.vms.ephemeral import expires_at
 from vmagent.vms.state import State
 from vmagent.vms.vm import VM
 
@@ -56,6 +57,8 @@ def vm_status(vm: VM, caller: str | None = None) -> dict:
         "config_pending": rt.config_pending,
         "reason": rt.reason,
         "created": rt.created,
+        "ephemeral": rec.spec.ephemeral,
+        "expires_at": expires_at(vm),       # epoch seconds its TTL ends (null: no TTL)
         "run_dir": str(rec.run_dir),
     }
 

@@ -57,6 +57,8 @@ class Runtime:
     restart_times: list[float] = field(default_factory=list)   # the recent ones (epoch
                                         # seconds; the crash-loop window); an operator's
                                         # start clears them (vmagent/monitor/healing.py)
+    launched_in: str | None = None      # the run dir its running qemu started in, when
+                                        # the VM was renamed since (registry.rename)
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:
@@ -139,6 +141,15 @@ class Store:
 
     def save_argv(self, rec: VMRecord, argv: list[str]) -> None:
         atomic_write_json(rec.run_dir / rundir.ARGV, argv)   # a plain list: for people
+
+    def rename(self, rec: VMRecord, new: str) -> None:
+        """Move a VM's run dir to the name ``new`` (one rename; FileExistsError if the
+        name is taken)."""
+        target = self.run_dir(new)
+        if target.exists():
+            raise FileExistsError(str(target))
+        rec.run_dir.rename(target)
+        rec.run_dir, rec.name = target, new
 
     def remove(self, name: str) -> None:
         remove_dir(self.run_dir(name))

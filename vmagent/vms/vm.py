@@ -60,6 +60,8 @@ class VM:
     def __init__(self, rec: VMRecord) -> None:
         self.rec = rec
         self.machine = Machine(rec.run_dir)
+        if rec.rt.launched_in:
+            self.machine.launched_in = Path(rec.rt.launched_in)
         self.monitor: Monitor | None = None
         self._events: asyncio.Task | None = None
         self.lock = asyncio.Lock()
@@ -118,6 +120,7 @@ class VM:
         self.console.trim()
         before = self.console.size()          # the new boot's output starts here
         pid = await self.machine.launch(argv, prefix=prefix)
+        self.rec.rt.launched_in = None
         self.reset_boot(before)
         await self.attach()
         return pid

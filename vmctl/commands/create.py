@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from vmagent.spec import RESTART_POLICIES, SEGMENTS
+from vmagent.spec import RESTART_POLICIES, SEGMENTS, parse_duration
 
 from .. import output
 from ..app import App, command, pass_app
@@ -119,6 +119,13 @@ def _print_dry_run(app: App, doc: dict) -> None:
 @click.option("--template", "-t", "template", metavar="TEMPLATE",
               help="Warm-start from a template's saved state (vmctl template list): "
                    "ready in seconds; cpus, memory, disk and image are the template's.")
+@click.option("--pool", "-p", "pool", metavar="POOL",
+              help="Take a ready clone from a warm pool (vmctl pool list): handed over "
+                   "in under a second; it is the pool's template's clone.")
+@click.option("--ephemeral", is_flag=True,
+              help="Delete the VM, disk included, as soon as it powers off.")
+@click.option("--ttl", metavar="DURATION",
+              help="Delete the VM this long after its creation (e.g. 2h, 90m, 3600).")
 @click.option("--dry-run", is_flag=True,
               help="Print the qemu command line and the seed files; start nothing.")
 @click.option("--start/--no-start", default=True, help="Start the VM (default: yes).")
@@ -127,19 +134,29 @@ def _print_dry_run(app: App, doc: dict) -> None:
 @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
               help="Seconds to wait for SSH.")
 @pass_app
-def create(app: App, name: str, template: str | None, dry_run: bool, start: bool,
+def create(app: App, name: str, template: str | None, pool: str | None,
+           ephemeral: bool, ttl: str | None, dry_run: bool, start: bool,
            wait: bool, timeout: float, **kw: Any) -> None:
     """Create a VM and (by default) wait until you can SSH into it."""
     name = vm_name(name)
     params = spec_params(app, kw, default_key=True)
-    if template:
+    if ephemeral:
+        params["ephemeral"] = True
+    if ttl is not None:
+        params["ttl"] = checked(parse_duration, ttl, "--ttl")
+    if template and pool:
+        raise CLIError("--template and --pool: give one (a pool's VMs are clones of its "
+                       "template)", "bad_request")
+    if pool:
+        params["pool"] = pool
+    elif template:
         params["template"] = vm_name(template)
     elif "image" not in params and app.config.default_image:
         params["image"] = checked(image_name, app.config.default_image)
     from .. import placement
     if dry_run:
-        doc, placed = placement.create(app, name, params, placement.plan(app, name, params),
-                                       dry_run=True)
+        doc, placed = placement.create(app, name, params, None if pool else
+                                       placement.plan(app, name, params), dry_run=True)
         if placed is not None:
             doc["placement"] = placed
         app.out.emit(doc, lambda: _print_dry_run(app, doc),
@@ -151,7 +168,8 @@ def create(app: App, name: str, template: str | None, dry_run: bool, start: bool
     # the private halves of --ssh-key keys log in while waiting
     given = tuple(p.private for p in (keys.from_file(k) for k in kw.get("ssh_keys") or ())
                   if p.private is not None)
-    decision = placement.plan(app, name, params)
+    # a pool is one host's: no placement
+    decision = None if pool else placement.plan(app, name, params)
     progress = Progress(name, enabled=not app.quiet, login=start and wait)
     with progress:
         status, placed = placement.create(app, name, {**params, "start": start}, decision)
