@@ -52,6 +52,9 @@ def vm_status(vm: VM, caller: str | None = None) -> dict:
         "config_pending": rt.config_pending,
         "reason": rt.reason,
         "created": rt.created,
+        "instance_id": rt.instance_id,
+        # new for each boot (start, reboot, reset): what an SSH master is bound to
+        "boot_id": vm.boot_id if running else None,
         "run_dir": str(rec.run_dir),
     }
 

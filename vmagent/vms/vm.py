@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class VM:
         self.panicked = False           # GUEST_PANICKED seen
         self.ssh_ready = False
         self.ssh_checked = 0.0
+        # a new value for each boot this agent sees (vmctl names its SSH control
+        # sockets with it: a master of an earlier boot is never reused, vmctl/sshmaster.py)
+        self.boot_id = secrets.token_hex(8)
         self._scan: tuple[int, int, dict] = (-1, -1, {})   # (offset, size, result)
         # the SSH host keys the agent made for it (None: the guest made its own)
         self.host_keys = hostkeys.load(rec.run_dir)
@@ -168,6 +172,7 @@ class VM:
         self.rec.rt.boot_offset = self.console.size() if offset is None else offset
         self.ssh_ready = False
         self.ssh_checked = 0.0
+        self.boot_id = secrets.token_hex(8)
 
     # --- lifecycle primitives ---------------------------------------------------------
 
