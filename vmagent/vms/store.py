@@ -53,6 +53,8 @@ class Runtime:
     accounts: list[dict] | None = None  # its guest accounts (identity/accounts.py);
                                         # None: the spec's admins, as before people
     gpus: list[str] | None = None       # the PCI GPUs it last ran with (alloc/gpu.py)
+    device_model: int = 1               # its CPU model and devices (qemu/argv.py's
+                                        # DEVICE_MODEL); 1: records made before models
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:

@@ -188,16 +188,22 @@ def snapshots(app: App, name: str) -> None:
               help="Seconds to wait.")
 @click.option("--login/--no-login", default=True, show_default=True,
               help="Also check that an SSH login works (needs your key in the VM).")
+@click.option("--cloud-init", "cloud_init", is_flag=True,
+              help="Also wait until cloud-init finished (the user-data's runcmd, "
+                   "packages...).")
 @pass_app
-def wait(app: App, name: str, timeout: float, login: bool) -> None:
-    """Wait until a VM is ready: SSH answers, cloud-init finished, a login works."""
+def wait(app: App, name: str, timeout: float, login: bool, cloud_init: bool) -> None:
+    """Wait until a VM is ready: SSH answers and a login works (which opens the SSH
+    connection later commands reuse); with --cloud-init, cloud-init finished too."""
     from .. import vmssh
     from ..progress import Progress, wait_ready
     name = vm_name(name)
     check = ((lambda st: vmssh.try_login(app.target, st, app.config, call=app.call))
              if login else None)
-    with Progress(name, enabled=not app.quiet, login=login) as progress:
-        status = wait_ready(app.call, name, progress, timeout=timeout, login=check)
+    with Progress(name, enabled=not app.quiet, login=login,
+                  cloud_init=cloud_init) as progress:
+        status = wait_ready(app.call, name, progress, timeout=timeout, login=check,
+                            cloud_init=cloud_init)
     app.out.emit(status, f"{name} is ready")
 
 
