@@ -1,7 +1,9 @@
 """One login per boot with a real guest (a warm clone of the session template): the
 readiness login of ``vmctl create`` leaves an SSH master that ``vmctl ssh`` reuses (a
-channel, not a login: the guest's sshd logs one login), ``vmctl ssh`` still works once
-the master is killed, and ``vmctl delete`` closes it. Integration: starts qemu."""
+channel, not a login: one sshd connection process in the guest serves the sessions),
+``vmctl ssh`` still works once the master is killed (a new login, the new master),
+``vmctl reboot`` closes it and the new boot gets another, ``vmctl delete`` closes it.
+Integration: starts qemu."""
 
 from __future__ import annotations
 
@@ -92,6 +94,20 @@ def test_create_leaves_a_master_that_ssh_reuses_and_replaces(env, session_agent,
         print(f"\nvmctl ssh NAME -- echo through the master: {t_channel:.2f}s; "
               f"with a login: {t_login:.2f}s")
         assert t_channel < t_login
+        # password logins are off (the seed's sshd drop-in, not cloud-init's ssh_pwauth)
+        conf = vmctl(env, "ssh", NAME, "--", "sudo sshd -T", timeout=120)
+        assert "passwordauthentication no" in conf.stdout, conf.stderr
+        # a reboot through vmctl closes the master; the new boot gets its own
+        rebooted = vmctl(env, "reboot", NAME, timeout=600)
+        assert rebooted.returncode == 0, rebooted.stderr
+        assert sockets(env) == [] and not sshmaster.check(path)
+        waited = vmctl(env, "--json", "wait", NAME, "--timeout", "900", timeout=960)
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["boot_id"] != status["boot_id"]
+        [after] = sockets(env)
+        assert after != path and sshmaster.check(after)
+        fourth, _ = session_parent(env)
+        assert fourth != third
     finally:
         deleted = vmctl(env, "delete", NAME, "--yes")
     assert deleted.returncode == 0, deleted.stderr
