@@ -100,18 +100,28 @@ def vm_prefix(target: Target, name: str) -> str:
     return _digest(target.address, name)
 
 
+_entries: dict[tuple, str] = {}
+
+
 def pinned_entry(alias: str, known_hosts: Path) -> str:
-    """The known_hosts lines for ``alias`` (what ssh checks the VM's host key against);
-    empty when none is pinned yet."""
-    if not known_hosts.is_file():
-        return ""
+    """The known_hosts lines for ``alias`` (what ssh checks the VM's host key against,
+    hashed or not: ``ssh-keygen -F`` finds both); empty when none is pinned yet. Asked
+    once per version of the file."""
     try:
-        proc = subprocess.run(["ssh-keygen", "-F", alias, "-f", str(known_hosts)],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        st = os.stat(known_hosts)
     except OSError:
         return ""
-    return "\n".join(sorted(ln for ln in proc.stdout.splitlines()
-                            if ln and not ln.startswith("#")))
+    key = (alias, str(known_hosts), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _entries:
+        try:
+            proc = subprocess.run(["ssh-keygen", "-F", alias, "-f", str(known_hosts)],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            out = proc.stdout if proc.returncode == 0 else ""
+        except OSError:
+            out = ""
+        _entries[key] = "\n".join(sorted(ln for ln in out.splitlines()
+                                         if ln and not ln.startswith("#")))
+    return _entries[key]
 
 
 def socket_name(target: Target, status: dict, alias: str, pinned: str) -> str:

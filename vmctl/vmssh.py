@@ -166,21 +166,13 @@ def host_keys_from_console(text: str) -> list[str]:
     return keys
 
 
-def _known(alias: str, known: Path) -> bool:
-    if not known.is_file():
-        return False
-    proc = subprocess.run(["ssh-keygen", "-F", alias, "-f", str(known)], capture_output=True,
-                          stdin=subprocess.DEVNULL)
-    return proc.returncode == 0 and bool(proc.stdout.strip())
-
-
 def pin_host_keys(call: Callable[..., Any], target: Target, status: dict) -> bool:
     """Put the VM's host keys into vmctl's known_hosts (once): those the agent made for
     it (``ssh_host_keys`` in its status), else those cloud-init printed on its console.
     True when the alias has keys now."""
     alias = host_key_alias(target, status)
     known = known_hosts_file()
-    if _known(alias, known):
+    if sshmaster.pinned_entry(alias, known):
         return True
     keys = [" ".join(k.split()[:2]) for k in status.get("ssh_host_keys") or ()
             if _KEY_LINE.match(k)]

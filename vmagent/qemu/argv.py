@@ -118,6 +118,10 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-chardev", (f"socket,id=serial0,path={CONSOLE_SOCK},server=on,wait=off,"
                      f"logfile={run / CONSOLE_LOG},logappend=on"),
         "-serial", "chardev:serial0",
+        # the screen behind VNC (vmctl vnc, the web UI's console): the guest drives it in
+        # VGA text mode (vgacon; the cloud kernels have no DRM driver that a cheaper
+        # device such as bochs-display would need, so they would show nothing): no
+        # framebuffer to draw, and qemu renders only while a VNC client is connected
         "-device", "VGA",
         "-display", "none",
         "-vnc", f"unix:{VNC_SOCK}",
