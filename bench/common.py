@@ -36,7 +36,7 @@ from agent_helpers import (IMAGE_DIR, AgentProcess, keypair,  # noqa: E402
 __all__ = ["ROOT", "IMAGE_DIR", "AgentProcess", "keypair", "process_running", "ssh",
            "machine", "median", "emit", "free_port", "vmctl", "kill_under", "workdir",
            "log", "ssh_banner", "wait_ready_bare", "ssh_login_retry", "BareVM",
-           "BOOT_TIMEOUT", "Observer", "rss_kib", "cpu_seconds"]
+           "BOOT_TIMEOUT", "Observer", "rss_kib", "cpu_seconds", "MinimalVM"]
 
 BOOT_TIMEOUT = float(os.environ.get("VMCTL_BOOT_TIMEOUT", "900"))
 # The same cadence as the agent path: the agent's watcher checks the SSH banner once a
@@ -223,6 +223,13 @@ class Observer(threading.Thread):
     True (polled once a second)."""
 
     PATTERNS = {"kernel_s": re.compile(rb"Linux version \d"),
+                # the phases of a boot, for the per-phase profile (docs/performance.md)
+                "userspace_s": re.compile(rb"systemd\[1\]: |Welcome to |Run /init"),
+                "init_local_s": re.compile(rb"running 'init-local'"),
+                "init_s": re.compile(rb"running 'init' at"),
+                "sshd_started_s": re.compile(rb"Started .*(OpenBSD Secure Shell|ssh\.service)"),
+                "modules_config_s": re.compile(rb"running 'modules:config'"),
+                "modules_final_s": re.compile(rb"running 'modules:final'"),
                 "cloud_init_done_s": re.compile(rb"Cloud-init v\. \S+ finished at")}
 
     def __init__(self, console_log: Path, t0: float,
@@ -263,10 +270,13 @@ class Observer(threading.Thread):
 # --- vmctl ----------------------------------------------------------------------------
 
 def vmctl_env(agent: AgentProcess) -> dict:
-    """vmctl on this agent, with its own config dir (known_hosts) in the work dir."""
+    """vmctl on this agent, with its own config dir (known_hosts) and runtime dir (SSH
+    control sockets: the masters are cleaned up with the work dir) in the work dir."""
     conf = agent.state_dir.parent / "vmctl-config"
+    run = agent.state_dir.parent / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
     return {**os.environ, "VMCTL_AGENT": f"unix://{agent.socket}",
-            "XDG_CONFIG_HOME": str(conf)}
+            "XDG_CONFIG_HOME": str(conf), "XDG_RUNTIME_DIR": str(run)}
 
 
 def vmctl(agent: AgentProcess, *args: str, check: bool = True,
@@ -347,3 +357,30 @@ class BareVM:
                 time.sleep(0.05)
             self.pid = None
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class MinimalVM(BareVM):
+    """The guest's own limit: the same kernel, initrd, append line, seed contents, MAC,
+    disk overlay, RAM and vCPUs as the agent's VM, with qemu's default machine and CPU
+    model, a virtio disk, the seed as a second virtio disk, a virtio NIC with the SSH
+    forward, the serial port into a file (to watch the boot) and no other device."""
+
+    def __init__(self, agent: AgentProcess, work: Path, name: str, spec: dict) -> None:
+        super().__init__(agent, work, name, spec)
+        full = self.argv
+
+        def value(flag: str) -> str | None:
+            return next((b for a, b in zip(full, full[1:]) if a == flag), None)
+        mac = re.search(r"mac=([0-9a-f:]{17})", " ".join(full)).group(1)
+        run = self.run_dir
+        self.argv = [full[0], "-accel", "tcg", "-smp", value("-smp"), "-m", value("-m"),
+                     "-nodefaults", "-no-user-config", "-display", "none",
+                     "-daemonize", "-pidfile", str(run / "qemu.pid"),
+                     "-serial", f"file:{run / 'console.log'}",
+                     "-drive", f"file={run / 'disk.qcow2'},if=virtio,format=qcow2",
+                     "-drive", f"file={run / 'seed.iso'},if=virtio,format=raw,readonly=on",
+                     "-nic", f"user,model=virtio-net-pci,mac={mac},"
+                             f"hostfwd=tcp:127.0.0.1:{self.port}-:22"]
+        for flag in ("-kernel", "-initrd", "-append"):
+            if value(flag) is not None:
+                self.argv += [flag, value(flag)]

@@ -70,7 +70,29 @@ def test_qemu_binary_is_configurable(tmp_path):
 
 def test_tcg_flags(argv):
     assert one(argv, "-accel") == "tcg,thread=multi,tb-size=256"
-    assert one(argv, "-cpu") == "max"
+    assert one(argv, "-cpu") == "qemu64"          # the model TCG emulates cheapest
+
+
+def test_a_vm_keeps_its_device_model(tmp_path):
+    # VMs and templates made before device models ran with -cpu max under TCG: their
+    # saved states load only into that model, so they keep it
+    legacy = qargv.build_argv(cfg(tmp_path, model=qargv.LEGACY_MODEL))
+    assert one(legacy, "-cpu") == "max"
+    assert one(qargv.build_argv(cfg(tmp_path, accel="kvm", model=qargv.LEGACY_MODEL)),
+               "-cpu") == "host"
+    assert qargv.model_of(legacy) == qargv.LEGACY_MODEL
+    assert qargv.model_of(qargv.build_argv(cfg(tmp_path))) == qargv.DEVICE_MODEL
+    assert qargv.model_of(qargv.build_argv(cfg(tmp_path, accel="kvm"))) == \
+        qargv.DEVICE_MODEL
+    assert qargv.model_of([]) == qargv.LEGACY_MODEL
+    with pytest.raises(ValueError, match="device model"):
+        qargv.build_argv(cfg(tmp_path, model=99))
+
+
+def test_records_without_a_device_model_are_the_first_one():
+    from vmagent.vms.store import Runtime
+    assert Runtime.from_json({"state": "stopped"}).device_model == qargv.LEGACY_MODEL
+    assert Runtime.from_json({"state": "stopped", "device_model": 2}).device_model == 2
 
 
 def test_kvm_flags(tmp_path):

@@ -38,7 +38,59 @@ def _recording(statuses):
     return recording, progress, seen
 
 
-def test_waits_for_cloud_init_before_logging_in():
+KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1 root@v"]
+
+
+def test_ready_when_a_login_works_while_cloud_init_still_runs():
+    """With the agent's host keys, a login is tried as soon as SSH answers: ready then,
+    cloud-init's end is neither waited for nor shown."""
+    logins = []
+    call, progress, _ = _recording([
+        _status(boot={"kernel": True}),
+        _status(boot={"kernel": True}, cloud_init="running", ssh_ready=True,
+                ssh_host_keys=KEYS),
+    ])
+
+    def login(status):
+        logins.append(status["cloud_init"])
+        return True, ""
+    status = wait_ready(call, "v", progress, timeout=30, login=login, poll=0)
+    assert status["cloud_init"] == "running" and logins == ["running"]
+    assert list(progress.reached) == ["image", "disk", "seed", "qemu", "kernel", "ssh",
+                                      "login"]
+    assert "cloud_init" not in dict(progress.phases) and not progress.skipped
+
+
+def test_cloud_init_waited_for_when_asked_after_the_login():
+    logins = []
+    call = _driver([_status(cloud_init="running", ssh_ready=True, ssh_host_keys=KEYS)] * 3
+                   + [_status(cloud_init="done", ssh_ready=True, ssh_host_keys=KEYS)])
+    progress = Progress("v", enabled=False, cloud_init=True)
+
+    def login(status):
+        logins.append(status["cloud_init"])
+        return True, ""
+    wait_ready(call, "v", progress, timeout=30, login=login, poll=0, cloud_init=True)
+    assert logins == ["running"]                       # once, as soon as SSH answered
+    assert list(progress.reached)[-2:] == ["login", "cloud_init"]
+
+
+def test_no_login_is_ready_when_ssh_answers_or_cloud_init_finished_when_asked():
+    call = _driver([_status(cloud_init="running", ssh_ready=True)])
+    progress = Progress("v", enabled=False, login=False)
+    wait_ready(call, "v", progress, timeout=30, login=None, poll=0)
+    assert list(progress.reached)[-1] == "ssh"
+    call = _driver([_status(cloud_init="running", ssh_ready=True)] * 2 +
+                   [_status(cloud_init="done", ssh_ready=True)])
+    progress = Progress("v", enabled=False, login=False, cloud_init=True)
+    status = wait_ready(call, "v", progress, timeout=30, login=None, poll=0,
+                        cloud_init=True)
+    assert status["cloud_init"] == "done" and list(progress.reached)[-1] == "cloud_init"
+
+
+def test_without_the_agents_host_keys_cloud_init_comes_first():
+    """Host keys the guest made are pinned from the console, where cloud-init prints
+    them at its end: the login waits for it, and the display shows it first."""
     logins = []
     call, progress, seen = _recording([
         _status(),
@@ -56,6 +108,7 @@ def test_waits_for_cloud_init_before_logging_in():
     assert logins == ["done"]
     assert list(progress.reached) == ["image", "disk", "seed", "qemu", "kernel", "ssh",
                                       "cloud_init", "login"]
+    assert [k for k, _ in progress.phases][-2:] == ["cloud_init", "login"]
     assert progress.last_line == "OK  Started ssh.service"
     # what was done after each status (recorded when the next one was asked for):
     # nothing before the status said it happened
@@ -71,7 +124,10 @@ def test_phases_are_named_by_what_they_wait_for():
     labels = [label for _, label in PHASES]
     assert "cloud-init finished" in labels and "SSH answers" in labels
     assert not [lb for lb in labels if lb.endswith(("running", "booting", "ready "))]
-    assert Progress("v", enabled=False, login=False).phases == PHASES[:-1]
+    assert Progress("v", enabled=False, cloud_init=True).phases == PHASES
+    assert [k for k, _ in Progress("v", enabled=False).phases] == [
+        "image", "disk", "seed", "qemu", "kernel", "ssh", "login"]
+    assert [k for k, _ in Progress("v", enabled=False, login=False).phases][-1] == "ssh"
 
 
 def test_cloud_init_is_done_only_when_it_finished(capsys):

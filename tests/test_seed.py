@@ -62,7 +62,12 @@ def test_generated_user_data_without_caller_data():
     doc = seed.build_user_data(make_spec(None))
     assert doc["hostname"] == doc["fqdn"] == "web1"
     assert doc["preserve_hostname"] is False
-    assert doc["ssh_pwauth"] is False
+    # password logins off through an sshd drop-in written before sshd starts (cloud-init's
+    # ssh_pwauth would restart sshd after it first answered)
+    assert "ssh_pwauth" not in doc
+    assert doc["write_files"] == [{"path": seed.SSHD_AUTH_CONF, "permissions": "0644",
+                                   "content": seed.SSHD_AUTH}]
+    assert "PasswordAuthentication no" in seed.SSHD_AUTH.splitlines()
     assert doc["disable_root"] is True
     assert doc["ssh_deletekeys"] is False
     assert "ssh_authorized_keys" not in doc        # keys go to the admins only
@@ -89,8 +94,10 @@ def test_merge_rules():
     assert doc["packages"] == ["build-essential", "git", "htop", "jq"]
     assert doc["runcmd"] == ["echo image", 'echo "hello: world" > /tmp/x']
     assert doc["apt"] == {"preserve_sources_list": True}
-    # scalars: the caller wins (explicitly, even a security setting)
+    # scalars: the caller wins (explicitly, even a security setting); choosing
+    # ssh_pwauth leaves it to cloud-init, without the generated drop-in
     assert doc["ssh_pwauth"] is True
+    assert seed.SSHD_AUTH_CONF not in [f["path"] for f in doc["write_files"]]
     # users: an entry named like an admin merges into it, others are appended
     users = users_by_name(doc)
     assert list(users) == ["alice", "bob", "carol"]
@@ -168,7 +175,7 @@ def test_special_characters_round_trip():
     spec = make_spec(yaml.safe_dump(tricky, allow_unicode=True))
     files = seed.render_seed(spec, "web1-1", MAC)
     doc = yaml.safe_load(files["user-data"].decode("utf-8"))
-    assert doc["write_files"] == tricky["write_files"]
+    assert doc["write_files"][1:] == tricky["write_files"]     # after the generated one
     assert doc["runcmd"] == tricky["runcmd"]
     assert doc["bootcmd"] == tricky["bootcmd"]
     # and the caller's own document from make_spec() survives too
@@ -286,7 +293,7 @@ def test_host_keys_the_agent_made_go_into_the_seed_before_the_callers_files(tmp_
     # sshd offers only these types; the caller's write_files follow the generated one
     assert [f["path"] for f in doc["write_files"]] == [
         hostkeys.SSHD_CONF, "/etc/ssh/ssh_host_ed25519_key.pub",
-        "/etc/ssh/ssh_host_ecdsa_key.pub", "/etc/motd"]
+        "/etc/ssh/ssh_host_ecdsa_key.pub", "/etc/motd"]     # (ssh_pwauth: no drop-in)
     # the public halves readable by all once cloud-init wrote them (it makes them 0600)
     pub = doc["write_files"][1]
     assert pub == {"path": "/etc/ssh/ssh_host_ed25519_key.pub", "permissions": "0644",

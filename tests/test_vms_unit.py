@@ -5,6 +5,7 @@ streams and the warm create, each in well under a second, without a guest."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import socket
@@ -496,4 +497,42 @@ def test_warm_create_whose_reidentification_fails_leaves_nothing(stub):
             assert not (stub.state_dir / "vms" / "clone1").exists()
             await until(lambda: all(process_gone(p) for p in stub.started_pids()),
                         what="the clone's qemu gone")
+    run(body())
+
+
+# --- device models: a VM and a clone keep the CPU model they were made with -------------
+
+def _cpu(run_dir) -> str:
+    argv = json.loads((Path(run_dir) / rundir.ARGV).read_text())
+    return argv[argv.index("-cpu") + 1]
+
+
+def test_a_vm_keeps_its_device_model_across_restarts(stub):
+    async def body():
+        async with stub.running() as agent:
+            st = await create(agent, "vm1")
+            assert read_state(st["run_dir"])["device_model"] == 2
+            assert _cpu(st["run_dir"]) == "qemu64"
+            await call(agent, "poweroff", name="vm1")
+        # a record of an agent before device models (no key): it ran -cpu max
+        path = Path(st["run_dir"]) / rundir.STATE
+        state = json.loads(path.read_text())
+        del state["device_model"]
+        path.write_text(json.dumps(state))
+        async with stub.running() as again:
+            await call(again, "start", name="vm1")
+            assert _cpu(st["run_dir"]) == "max"
+    run(body())
+
+
+@pytest.mark.parametrize("argv, cpu", [([], "max"), (["qemu", "-cpu", "max"], "max"),
+                                        (["qemu", "-cpu", "qemu64"], "qemu64")])
+def test_a_clone_runs_its_templates_device_model(stub, argv, cpu):
+    async def body():
+        async with stub.running() as agent:
+            tpl = await make_template(agent)
+            agent.templates.templates.save(dataclasses.replace(tpl, argv=argv),
+                                           agent.templates.templates.dir(tpl.name))
+            st = await create(agent, "clone1", template="tpl")
+            assert _cpu(st["run_dir"]) == cpu
     run(body())

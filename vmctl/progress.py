@@ -3,14 +3,21 @@
 Each phase is named by what it waits for and is marked done when that has happened:
 image ready, disk created, seed written, qemu started (all four when ``create``
 returns), kernel started (``status.boot.kernel``: the kernel printed its banner), SSH
-answers (``status.ssh_ready``: the agent got sshd's banner), cloud-init finished
-(``status.cloud_init`` is ``done``; cloud-init restarts sshd while it configures the
-guest, so a login before that may break a moment later), SSH login works (a real
-``ssh ... true``; only when the caller checks logins). A guest whose console shows no
-cloud-init at all has that phase marked "not seen" instead. Each phase shows the elapsed
-time at which it was reached; while waiting, the last console line is shown so a slow
-boot is never silent. On a terminal the display is a rich Live on stderr; otherwise one
-line per phase on stderr; nothing with ``--quiet``.
+answers (``status.ssh_ready``: the agent got sshd's banner), SSH login works (a real
+``ssh ... true``, which leaves the connection open as this boot's SSH master,
+vmctl/sshmaster.py; only when the caller checks logins), and, only when waited for,
+cloud-init finished (``status.cloud_init`` is ``done``).
+
+Ready means a login works: the rest of cloud-init (its config and final stages: the
+user-data's ``runcmd``, ``packages``...) may still be running, and ``--cloud-init``
+waits for it too. vmctl waits for it anyway for a VM whose host keys the agent did not
+make (``status.ssh_host_keys`` null): cloud-init prints them on the console at its end,
+and vmctl pins them from there before the first login. The agent's seed does not make
+cloud-init restart sshd (vmagent/identity/seed.py), so a login that works keeps working.
+A guest whose console shows no cloud-init at all has that phase marked "not seen".
+Each phase shows the elapsed time at which it was reached; while waiting, the last
+console line is shown so a slow boot is never silent. On a terminal the display is a
+rich Live on stderr; otherwise one line per phase on stderr; nothing with ``--quiet``.
 """
 
 from __future__ import annotations
@@ -28,17 +35,19 @@ from .live import LiveDisplay, last_line
 
 PHASES = (("image", "image ready"), ("disk", "disk created"), ("seed", "seed written"),
           ("qemu", "qemu started"), ("kernel", "kernel started"), ("ssh", "SSH answers"),
-          ("cloud_init", "cloud-init finished"), ("login", "SSH login works"))
+          ("login", "SSH login works"), ("cloud_init", "cloud-init finished"))
 CREATE_PHASES = ("image", "disk", "seed", "qemu")
 CLOUD_INIT_FINISHED = ("done", "error")
 
 
 class Progress(LiveDisplay):
     def __init__(self, name: str, *, enabled: bool = True, live: bool | None = None,
-                 start: float | None = None, login: bool = True) -> None:
+                 start: float | None = None, login: bool = True,
+                 cloud_init: bool = False) -> None:
         self.name = name
         self.t0 = start if start is not None else time.monotonic()
-        self.phases = tuple(p for p in PHASES if login or p[0] != "login")
+        self.phases = tuple(p for p in PHASES if (login or p[0] != "login") and
+                            (cloud_init or p[0] != "cloud_init"))
         self.reached: dict[str, float] = {}
         self.skipped: dict[str, str] = {}      # phases that cannot happen, and why
         self.last_line = ""
@@ -50,6 +59,21 @@ class Progress(LiveDisplay):
 
     def label(self, key: str) -> str:
         return dict(PHASES)[key]
+
+    def expect(self, key: str, before: str | None = None) -> None:
+        """Show phase ``key`` too, from now on: in its place, or right before phase
+        ``before`` (when it is awaited first)."""
+        if key in dict(self.phases):
+            return
+        keys = {k for k, _ in self.phases} | {key}
+        phases = [p for p in PHASES if p[0] in keys and p[0] != key]
+        at = next((i for i, p in enumerate(phases) if p[0] == before), None)
+        if at is None:
+            at = next((i for i, p in enumerate(PHASES) if p[0] == key))
+            at = sum(1 for p in phases if PHASES.index(p) < at)
+        phases.insert(at, (key, self.label(key)))
+        self.phases = tuple(phases)
+        self.refresh()
 
     def reach(self, *keys: str) -> None:
         """Mark phases done (now), once each; phases this display does not show are
@@ -114,14 +138,17 @@ class Progress(LiveDisplay):
 
 def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
                timeout: float, login: Callable[[dict], tuple[bool, str]] | None,
-               poll: float = 1.0) -> dict:
-    """Poll ``status`` (and the console log) until the VM is ready: SSH answers,
-    cloud-init finished (or is not seen at all, for images without it) and, if ``login``
-    is given, a real login works. Returns the last status."""
+               poll: float = 1.0, cloud_init: bool = False) -> dict:
+    """Poll ``status`` (and the console log) until the VM is ready: SSH answers and, if
+    ``login`` is given, a real login works; with ``cloud_init`` (or for a VM without
+    host keys from the agent, see the module's docstring) cloud-init finished too,
+    before the login (or is not seen at all, for images without it). Returns the last
+    status."""
     deadline = time.monotonic() + timeout
     offset: int | None = None
     last_login = ""
     next_login = 0.0
+    logged_in = False
     while True:
         status = call("status", name=name)
         state = status.get("state")
@@ -133,14 +160,19 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
                            "conflict")
         if state == "running":
             progress.reach(*CREATE_PHASES)
-        cloud_init = status.get("cloud_init")
+        ci = status.get("cloud_init")
         # each of these implies the kernel started, even if its banner was not seen
         if (status.get("boot") or {}).get("kernel") or status.get("ssh_ready") or \
-                cloud_init is not None:
+                ci is not None:
             progress.reach("kernel")
         if status.get("ssh_ready"):
             progress.reach("ssh")
-        if cloud_init in CLOUD_INIT_FINISHED:
+        # without the agent's host keys, vmctl pins those cloud-init prints at its end
+        keys_on_console = login is not None and not status.get("ssh_host_keys")
+        wait_ci = cloud_init or keys_on_console
+        if wait_ci and status.get("ssh_ready"):
+            progress.expect("cloud_init", before="login" if keys_on_console else None)
+        if ci in CLOUD_INIT_FINISHED:
             progress.reach("cloud_init")
         try:
             if offset is None:
@@ -151,29 +183,30 @@ def wait_ready(call: Callable[..., dict], name: str, progress: Progress, *,
             progress.console_line(log.get("data") or "")
         except CLIError:
             pass
-        settling = cloud_init == "running"
-        if status.get("ssh_ready") and settling:
-            progress.set_note("waiting for cloud-init to finish (it restarts sshd)")
-        elif status.get("ssh_ready"):
-            if login is None:
-                _no_cloud_init(progress, cloud_init)
-                return status
-            if time.monotonic() >= next_login:
+        settling = wait_ci and ci == "running"
+        if status.get("ssh_ready"):
+            if login is not None and not logged_in and not (keys_on_console and settling) \
+                    and time.monotonic() >= next_login:
                 progress.set_note("logging in...")
                 ok, last_login = login(status)
                 if ok:
-                    progress.set_note("")
-                    _no_cloud_init(progress, cloud_init)
                     progress.reach("login")
-                    return status
-                next_login = time.monotonic() + 2.0
+                    logged_in = True
+                else:
+                    next_login = time.monotonic() + 2.0
+            if (login is None or logged_in) and not settling:
+                if wait_ci:
+                    _no_cloud_init(progress, ci)
+                progress.set_note("")
+                return status
+            progress.set_note("waiting for cloud-init to finish" if settling else "")
         if time.monotonic() >= deadline:
             detail = f"; last ssh error: {last_login}" if last_login else ""
             if settling:
                 detail += "; SSH answers, cloud-init is still running"
             raise WaitTimeout(f"VM {name!r} was not ready within {timeout:g}s (waiting for: "
                               f"{progress.waiting_for() or 'SSH'}){detail}")
-        # once SSH answers, the end of cloud-init is a matter of seconds: look more often
+        # once SSH answers, the rest is a matter of seconds: look more often
         time.sleep(min(poll, 0.5) if status.get("ssh_ready") else poll)
 
 

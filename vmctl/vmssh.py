@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config as config_mod, keys
+from . import config as config_mod, keys, sshmaster
 from .address import Target
 from .errors import ConfigError
 
@@ -71,8 +71,17 @@ def proxy_command(target: Target, name: str) -> list[str]:
     return [sys.executable, "-m", "vmctl", "--host", host, "proxy", name]
 
 
-def ssh_options(target: Target, status: dict, cfg: config_mod.Config | None) -> dict[str, str]:
-    """OpenSSH options (``-o KEY=VALUE``) for reaching the VM of ``status``."""
+def control_socket(target: Target, status: dict) -> Path | None:
+    """The SSH control socket of this boot of the VM (vmctl/sshmaster.py), or None."""
+    return sshmaster.socket_path(target, status, host_key_alias(target, status),
+                                 known_hosts_file())
+
+
+def ssh_options(target: Target, status: dict, cfg: config_mod.Config | None,
+                *, share: bool = True) -> dict[str, str]:
+    """OpenSSH options (``-o KEY=VALUE``) for reaching the VM of ``status``; with
+    ``share``, the connection is shared through this boot's control socket (reused when
+    a master answers there, else this ssh becomes the master)."""
     known = known_hosts_file()
     known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     opts = {
@@ -94,7 +103,14 @@ def ssh_options(target: Target, status: dict, cfg: config_mod.Config | None) -> 
     identities = keys.identity_files(cfg)
     if identities:
         opts["IdentityFile"] = str(identities[0])
+    opts.update(sshmaster.options(control_socket(target, status) if share else None))
     return opts
+
+
+# the order of the -o options on ssh's command line and in a config block
+_ARGV_KEYS = ("User", "Port", "HostKeyAlias", "UserKnownHostsFile", "StrictHostKeyChecking",
+              "LogLevel", "ConnectTimeout", "ServerAliveInterval", "ServerAliveCountMax",
+              "ControlMaster", "ControlPath", "ControlPersist", "ProxyCommand")
 
 
 def ssh_argv(target: Target, status: dict, cfg: config_mod.Config | None,
@@ -104,9 +120,7 @@ def ssh_argv(target: Target, status: dict, cfg: config_mod.Config | None,
     if batch:
         opts["ConnectTimeout"] = f"{min(connect_timeout(), LOGIN_CONNECT_TIMEOUT):g}"
     argv = ["ssh"]
-    for key in ("User", "Port", "HostKeyAlias", "UserKnownHostsFile",
-                "StrictHostKeyChecking", "LogLevel", "ConnectTimeout", "ServerAliveInterval",
-                "ServerAliveCountMax", "ProxyCommand"):
+    for key in _ARGV_KEYS:
         if key in opts:
             argv += ["-o", f"{key}={opts[key]}"]
     for identity in (*identities, *keys.identity_files(cfg)):
@@ -125,11 +139,11 @@ def config_block(target: Target, status: dict, cfg: config_mod.Config | None,
                  alias: str | None = None) -> str:
     opts = ssh_options(target, status, cfg)
     lines = [f"Host {alias or status['name']}"]
-    for key in ("HostName", "Port", "User", "IdentityFile", "HostKeyAlias",
-                "UserKnownHostsFile", "StrictHostKeyChecking", "LogLevel", "ConnectTimeout",
-                "ServerAliveInterval", "ServerAliveCountMax", "ProxyCommand"):
+    for key in ("HostName", "Port", "User", "IdentityFile", *_ARGV_KEYS[2:]):
         if key in opts:
             value = opts[key]
+            if key == "ControlPath" and " " in value:
+                value = f'"{value}"'
             lines.append(f"    {key} {value}")
     return "\n".join(lines) + "\n"
 
@@ -152,21 +166,13 @@ def host_keys_from_console(text: str) -> list[str]:
     return keys
 
 
-def _known(alias: str, known: Path) -> bool:
-    if not known.is_file():
-        return False
-    proc = subprocess.run(["ssh-keygen", "-F", alias, "-f", str(known)], capture_output=True,
-                          stdin=subprocess.DEVNULL)
-    return proc.returncode == 0 and bool(proc.stdout.strip())
-
-
 def pin_host_keys(call: Callable[..., Any], target: Target, status: dict) -> bool:
     """Put the VM's host keys into vmctl's known_hosts (once): those the agent made for
     it (``ssh_host_keys`` in its status), else those cloud-init printed on its console.
     True when the alias has keys now."""
     alias = host_key_alias(target, status)
     known = known_hosts_file()
-    if _known(alias, known):
+    if sshmaster.pinned_entry(alias, known):
         return True
     keys = [" ".join(k.split()[:2]) for k in status.get("ssh_host_keys") or ()
             if _KEY_LINE.match(k)]

@@ -28,6 +28,14 @@ USER_DATA_RENDERED_MAX = 256 * 1024
 VOLUME_ID = "cidata"            # NoCloud finds its seed by this filesystem label
 SUDO_RULE = "ALL=(ALL) NOPASSWD:ALL"
 ADMIN_GROUPS = ("adm", "sudo")
+# Password logins off through an sshd drop-in written before sshd first starts, rather
+# than cloud-init's ``ssh_pwauth: false``: that edits sshd_config in cloud-init's config
+# stage, after sshd started, and restarts sshd, so a login that worked when SSH first
+# answered could be refused a moment later (readiness is that first login, vmctl's
+# progress.py). Left out when the image's or the caller's cloud-config sets
+# ``ssh_pwauth`` (their choice, applied by cloud-init as before).
+SSHD_AUTH_CONF = "/etc/ssh/sshd_config.d/05-vmagent-auth.conf"
+SSHD_AUTH = "# written by vmagent: no password logins\nPasswordAuthentication no\n"
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _MISSING = object()
 
@@ -82,7 +90,9 @@ def _generated(spec: VMSpec, accounts: list[Account]) -> dict[str, Any]:
             # always present, even empty: a missing ``users`` creates the image's
             # "default" user
             "users": users,
-            "ssh_pwauth": False, "disable_root": True,
+            "disable_root": True,
+            "write_files": [{"path": SSHD_AUTH_CONF, "permissions": "0644",
+                             "content": SSHD_AUTH}],
             # resolve the own hostname (sudo complains otherwise); C.UTF-8 exists on
             # every image, a default like en_US.UTF-8 fails on images without locales
             "manage_etc_hosts": True, "locale": "C.UTF-8",
@@ -174,7 +184,8 @@ def build_user_data(spec: VMSpec, extra: dict[str, Any] | None = None,
     * anything else: the later layer wins, including generated security settings
       (``ssh_pwauth``, ``disable_root``, ``ssh_deletekeys``, an admin's ``sudo``,
       ``lock_passwd``, ``shell``): overriding them is the caller's explicit choice
-      for their own VM.
+      for their own VM. Password logins are off through an sshd drop-in
+      (:data:`SSHD_AUTH_CONF`), left out when a layer sets ``ssh_pwauth``.
 
     Raises BadRequest if a layer is not a mapping or the rendered document is over
     256 KiB."""
@@ -184,6 +195,9 @@ def build_user_data(spec: VMSpec, extra: dict[str, Any] | None = None,
     if extra is not None:
         doc = merge_cloud_config(doc, extra, "image cloud-config")
     doc = merge_cloud_config(doc, spec.extra_cloud_config())
+    if "ssh_pwauth" in doc:               # a layer chose: cloud-init applies it
+        doc["write_files"] = [f for f in doc["write_files"]
+                              if not (isinstance(f, dict) and f.get("path") == SSHD_AUTH_CONF)]
     render_user_data(doc)                 # validates the size
     return doc
 

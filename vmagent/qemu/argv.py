@@ -34,6 +34,40 @@ SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 # (vmagent/alloc/sizing.py counts it in qemu's overhead under TCG).
 TCG_TB_MIB = 256
 
+# The device model a VM runs with, kept for its whole life (rt.device_model): a saved
+# state (a template's, a live snapshot's) loads only into the CPU model and devices
+# that saved it, so a change of the defaults applies to new VMs and templates only.
+#   1: -cpu max under TCG (records and templates without a model ran with it)
+#   2: under TCG the CPU model qemu emulates cheapest, its default qemu64: ``max``
+#      turns on every feature TCG can emulate (5-level paging, AVX-era extensions...),
+#      which the guest's kernel then uses, at a cost in every page walk and context
+#      switch (docs/performance.md: the cold boot's phases).
+# Under KVM both are ``-cpu host``.
+LEGACY_MODEL = 1
+DEVICE_MODEL = 2
+TCG_CPU = {1: "max", 2: "qemu64"}
+
+
+def cpu_model(accel: str, model: int = DEVICE_MODEL) -> str:
+    """The ``-cpu`` of a VM of device model ``model`` under ``accel``."""
+    if accel == "kvm":
+        return "host"
+    if accel != "tcg":
+        raise ValueError(f"unknown accel {accel!r}")
+    if model not in TCG_CPU:
+        raise ValueError(f"unknown device model {model!r}")
+    return TCG_CPU[model]
+
+
+def model_of(argv: list[str]) -> int:
+    """The device model a saved command line (a template's) ran with: the first one
+    when it names no CPU (made before models), the current one under KVM (where the
+    models do not differ)."""
+    cpu = next((b for a, b in zip(argv, argv[1:]) if a == "-cpu"), None)
+    if cpu is None:
+        return LEGACY_MODEL
+    return {v: k for k, v in TCG_CPU.items()}.get(cpu, DEVICE_MODEL)
+
 
 @dataclass(frozen=True)
 class KernelBoot:
@@ -59,18 +93,16 @@ class MachineConfig:
     kernel_boot: KernelBoot | None = None
     qemu_binary: str = QEMU_BINARY
     sandbox: bool = True
+    model: int = DEVICE_MODEL      # see DEVICE_MODEL
 
 
 def build_argv(cfg: MachineConfig) -> list[str]:
     run = Path(cfg.run_dir).resolve()
     disk = Path(cfg.disk).resolve() if cfg.disk else run / DISK
     seed = Path(cfg.seed).resolve() if cfg.seed else run / SEED
-    if cfg.accel == "kvm":
-        accel, cpu = ["-accel", "kvm"], "host"
-    elif cfg.accel == "tcg":
-        accel, cpu = ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_MIB}"], "max"
-    else:
-        raise ValueError(f"unknown accel {cfg.accel!r}")
+    cpu = cpu_model(cfg.accel, cfg.model)
+    accel = (["-accel", "kvm"] if cfg.accel == "kvm"
+             else ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_MIB}"])
     argv = [
         cfg.qemu_binary,
         "-name", f"{cfg.name},debug-threads=on",
@@ -88,6 +120,10 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-chardev", (f"socket,id=serial0,path={CONSOLE_SOCK},server=on,wait=off,"
                      f"logfile={run / CONSOLE_LOG},logappend=on"),
         "-serial", "chardev:serial0",
+        # the screen behind VNC (vmctl vnc, the web UI's console): the guest drives it in
+        # VGA text mode (vgacon; the cloud kernels have no DRM driver that a cheaper
+        # device such as bochs-display would need, so they would show nothing): no
+        # framebuffer to draw, and qemu renders only while a VNC client is connected
         "-device", "VGA",
         "-display", "none",
         "-vnc", f"unix:{VNC_SOCK}",

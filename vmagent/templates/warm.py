@@ -22,6 +22,7 @@ from vmagent.errors import BadRequest, ImageError, QMPFailure, Timeout
 from vmagent.identity import hostkeys, seed
 from vmagent.identity.reidentify import console_key_block, reidentify_argv
 from vmagent.qemu.console import ConsoleLog
+from vmagent.qemu import argv as qargv
 from vmagent.qemu.guest import guest_exec
 from vmagent.qemu.host import QemuHost
 from vmagent.spec import VMSpec, apply_defaults, format_size
@@ -76,6 +77,7 @@ class WarmCreator:
             given, image=tpl.image, cpus=tpl.cpus, memory=tpl.memory, disk=tpl.disk),
             dry_run), self.creator.defaults, img.virtual_size)
         rt = self.creator.provisioner.new_runtime(spec.name, mac=tpl.mac)
+        rt.device_model = qargv.model_of(tpl.argv)    # the saved state's CPU and devices
         self.creator.own(rt, ctx, accounts)
         # the clone's host keys, in its seed for the next boots (unless the caller's
         # user-data makes its own at the next boot) and given by re-identification now

@@ -68,7 +68,7 @@ def machine_config(rec: VMRecord, image: Image, host: QemuHost) -> qargv.Machine
         name=rec.name, run_dir=rec.run_dir, cpus=rec.spec.cpus, memory=rec.spec.memory,
         accel=host.accel_name, ssh_port=rec.rt.ssh_port, mac=rec.rt.mac,
         vmgenid=rec.rt.vmgenid, kernel_boot=kernel, qemu_binary=host.binary,
-        sandbox=host.sandbox)
+        sandbox=host.sandbox, model=rec.rt.device_model)
 
 
 class Launcher:

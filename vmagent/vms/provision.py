@@ -11,7 +11,7 @@ from typing import Callable
 
 from vmagent import rundir
 from vmagent.identity import seed
-from vmagent.qemu import disks
+from vmagent.qemu import argv as qargv, disks
 from vmagent.spec import VMSpec
 from vmagent.vms.launcher import PortAllocator
 from vmagent.vms.store import Runtime, Store, VMRecord, now_iso
@@ -33,7 +33,8 @@ class Provisioner:
         """A new VM's identity; it counts as being created until its create answers."""
         return Runtime(mac=mac or random_mac(), vmgenid=str(uuid.uuid4()),
                        instance_id=seed.new_instance_id(name), created=now_iso(),
-                       ssh_port=self.ports.allocate(), creating=True)
+                       ssh_port=self.ports.allocate(), creating=True,
+                       device_model=qargv.DEVICE_MODEL)
 
     def record(self, spec: VMSpec, rt: Runtime) -> VMRecord:
         """The record of a VM that is not staged (a dry run)."""

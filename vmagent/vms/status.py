@@ -59,6 +59,9 @@ def vm_status(vm: VM, caller: str | None = None) -> dict:
         "created": rt.created,
         "ephemeral": rec.spec.ephemeral,
         "expires_at": expires_at(vm),       # epoch seconds its TTL ends (null: no TTL)
+        "instance_id": rt.instance_id,
+        # new for each boot (start, reboot, reset): what an SSH master is bound to
+        "boot_id": vm.boot_id if running else None,
         "run_dir": str(rec.run_dir),
     }
 

@@ -59,6 +59,8 @@ class Runtime:
                                         # start clears them (vmagent/monitor/healing.py)
     launched_in: str | None = None      # the run dir its running qemu started in, when
                                         # the VM was renamed since (registry.rename)
+    device_model: int = 1               # its CPU model and devices (qemu/argv.py's
+                                        # DEVICE_MODEL); 1: records made before models
     extra: dict[str, Any] = field(default_factory=dict)   # keys of a newer agent
 
     def to_json(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ class VM:
         self.link_alive = False
         self.net_alive = False
         self.warning: str | None = None
+        # a new value for each boot this agent sees (vmctl names its SSH control
+        # sockets with it: a master of an earlier boot is never reused, vmctl/sshmaster.py)
+        self.boot_id = secrets.token_hex(8)
         self._scan: tuple[int, int, dict] = (-1, -1, {})   # (offset, size, result)
         # the SSH host keys the agent made for it (None: the guest made its own)
         self.host_keys = hostkeys.load(rec.run_dir)
@@ -183,6 +187,7 @@ class VM:
         self.ssh_ready = False
         self.ssh_checked = 0.0
         self.net_alive = False
+        self.boot_id = secrets.token_hex(8)
 
     # --- lifecycle primitives ---------------------------------------------------------
 

@@ -133,10 +133,13 @@ def _print_dry_run(app: App, doc: dict) -> None:
               help="Wait until SSH logs in (default: wait).")
 @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
               help="Seconds to wait for SSH.")
+@click.option("--cloud-init", "cloud_init", is_flag=True,
+              help="Also wait until cloud-init finished (the user-data's runcmd, "
+                   "packages...); by default the VM is ready when a login works.")
 @pass_app
 def create(app: App, name: str, template: str | None, pool: str | None,
            ephemeral: bool, ttl: str | None, dry_run: bool, start: bool,
-           wait: bool, timeout: float, **kw: Any) -> None:
+           wait: bool, timeout: float, cloud_init: bool, **kw: Any) -> None:
     """Create a VM and (by default) wait until you can SSH into it."""
     name = vm_name(name)
     params = spec_params(app, kw, default_key=True)
@@ -170,7 +173,8 @@ def create(app: App, name: str, template: str | None, pool: str | None,
                   if p.private is not None)
     # a pool is one host's: no placement
     decision = None if pool else placement.plan(app, name, params)
-    progress = Progress(name, enabled=not app.quiet, login=start and wait)
+    progress = Progress(name, enabled=not app.quiet, login=start and wait,
+                        cloud_init=cloud_init)
     with progress:
         status, placed = placement.create(app, name, {**params, "start": start}, decision)
         if start:
@@ -178,7 +182,7 @@ def create(app: App, name: str, template: str | None, pool: str | None,
         if start and wait:
             try:
                 status = wait_ready(
-                    app.call, name, progress, timeout=timeout,
+                    app.call, name, progress, timeout=timeout, cloud_init=cloud_init,
                     login=lambda st: try_login(app.target, st, app.config,
                                                call=app.call, identities=given))
             except CLIError as exc:

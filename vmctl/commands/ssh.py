@@ -171,6 +171,7 @@ def ssh_config(app: App, name: str, alias: str | None) -> None:
     """Print an OpenSSH config block for a VM (append it to ~/.ssh/config)."""
     from .. import vmssh
     status = app.call("status", name=vm_name(name))
+    vmssh.pin_host_keys(app.call, app.target, status)   # the master's socket names them
     block = vmssh.config_block(app.target, status, app.config, alias)
     app.out.emit({"name": name, "config": block,
                   "options": vmssh.ssh_options(app.target, status, app.config)},

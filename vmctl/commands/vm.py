@@ -18,15 +18,25 @@ def _state_line(status: dict) -> str:
     return f"{status.get('name')}: {status.get('state')}{extra}"
 
 
+def _end_ssh_masters(app: App, name: str) -> None:
+    """The VM's boot ended (stop, reboot, reset, delete): stop its SSH masters
+    (vmctl/sshmaster.py), so nothing reaches it through a connection of that boot."""
+    from .. import sshmaster
+    sshmaster.close(app.target, name)
+
+
 def _lifecycle(cmd_name: str, op: str, help_text: str,
-               timeout_help: str | None = None) -> Command:
+               timeout_help: str | None = None, *, ends_boot: bool = True) -> Command:
     """A command CMD_NAME that runs the operation ``op`` on one VM (and passes --timeout,
-    an operation parameter, when the operation takes one)."""
+    an operation parameter, when the operation takes one); ``ends_boot``: the operation
+    ends the VM's current boot (its SSH masters are closed after it)."""
     def run(app: App, name: str, timeout: float | None = None) -> None:
         params: dict[str, Any] = {"name": vm_name(name)}
         if timeout is not None:
             params["timeout"] = timeout
         status = app.call(op, **params)
+        if ends_boot:
+            _end_ssh_masters(app, params["name"])
         app.out.emit(status, _state_line(status))
 
     if timeout_help:
@@ -45,7 +55,7 @@ def _lifecycle(cmd_name: str, op: str, help_text: str,
     return command(cmd_name)(cmd)
 
 
-start = _lifecycle("start", "start", "Start a stopped VM.")
+start = _lifecycle("start", "start", "Start a stopped VM.", ends_boot=False)
 stop = _lifecycle("stop", "shutdown", "Shut the VM down gracefully (ACPI), forcing it off "
                   "after the timeout.", "Seconds to wait for the guest (agent default).")
 reboot = _lifecycle("reboot", "reboot", "Reboot through the guest, falling back to a "
@@ -100,6 +110,7 @@ def delete(app: App, name: str, yes: bool) -> None:
     status = app.call("status", name=name)
     confirm(f"Delete VM {name!r} and its disk ({status.get('state')})?", yes)
     doc = app.call("delete", name=name)
+    _end_ssh_masters(app, name)
     vmssh.forget(app.target, status)
     app.out.emit(doc, f"deleted {name}")
 
@@ -177,16 +188,22 @@ def snapshots(app: App, name: str) -> None:
               help="Seconds to wait.")
 @click.option("--login/--no-login", default=True, show_default=True,
               help="Also check that an SSH login works (needs your key in the VM).")
+@click.option("--cloud-init", "cloud_init", is_flag=True,
+              help="Also wait until cloud-init finished (the user-data's runcmd, "
+                   "packages...).")
 @pass_app
-def wait(app: App, name: str, timeout: float, login: bool) -> None:
-    """Wait until a VM is ready: SSH answers, cloud-init finished, a login works."""
+def wait(app: App, name: str, timeout: float, login: bool, cloud_init: bool) -> None:
+    """Wait until a VM is ready: SSH answers and a login works (which opens the SSH
+    connection later commands reuse); with --cloud-init, cloud-init finished too."""
     from .. import vmssh
     from ..progress import Progress, wait_ready
     name = vm_name(name)
     check = ((lambda st: vmssh.try_login(app.target, st, app.config, call=app.call))
              if login else None)
-    with Progress(name, enabled=not app.quiet, login=login) as progress:
-        status = wait_ready(app.call, name, progress, timeout=timeout, login=check)
+    with Progress(name, enabled=not app.quiet, login=login,
+                  cloud_init=cloud_init) as progress:
+        status = wait_ready(app.call, name, progress, timeout=timeout, login=check,
+                            cloud_init=cloud_init)
     app.out.emit(status, f"{name} is ready")
 
 
