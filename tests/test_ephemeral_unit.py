@@ -64,7 +64,7 @@ def test_ephemeral_vm_whose_guest_powers_off_is_deleted(stub):
             StubEnv.vm_control(Path(agent.registry.get("keep1").run_dir), poweroff=True)
 
             async def gone() -> bool:
-                await agent.watcher.tick()
+                await agent.monitor.round()
                 await agent.ephemeral.settle()
                 return "e1" not in agent.registry
             await until(gone, what="the ephemeral VM deleted")
