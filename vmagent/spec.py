@@ -190,6 +190,14 @@ def _number(value: Any, what: str, lo: float, hi: float) -> float:
     return value
 
 
+
+def _choice(value: Any, field_name: str, choices: tuple[str, ...] | list[str]) -> str:
+    """One of ``choices``, else a 400 naming them."""
+    if value not in choices:
+        raise BadRequest(f"{field_name}: {str(value)[:40]!r} is not one of "
+                         f"{', '.join(choices)}")
+    return value
+
 @dataclass
 class VMSpec:
     """What a VM is. ``None`` fields are filled by :func:`apply_defaults`."""
@@ -269,10 +277,7 @@ class VMSpec:
         if data.get("ram_limit") is not None:
             spec.ram_limit = parse_size(data["ram_limit"], "ram_limit")
         if data.get("segment") is not None:
-            if data["segment"] not in SEGMENTS:
-                raise BadRequest(f"segment: {str(data['segment'])[:40]!r} is not one of "
-                                 f"{', '.join(SEGMENTS)}")
-            spec.segment = data["segment"]
+            spec.segment = _choice(data["segment"], "segment", SEGMENTS)
         if data.get("gpus") is not None:
             gpus = data["gpus"]
             if isinstance(gpus, bool) or not isinstance(gpus, int) and not (
@@ -280,10 +285,7 @@ class VMSpec:
                 raise BadRequest(f"gpus: expected a whole number, got {gpus!r}")
             spec.gpus = int(_number(int(gpus), "gpus", 0, MAX_GPUS))
         if data.get("restart") is not None:
-            if data["restart"] not in RESTART_POLICIES:
-                raise BadRequest(f"restart: {str(data['restart'])[:40]!r} is not one of "
-                                 f"{', '.join(RESTART_POLICIES)}")
-            spec.restart = data["restart"]
+            spec.restart = _choice(data["restart"], "restart", RESTART_POLICIES)
         if data.get("ephemeral") is not None:
             spec.ephemeral = parse_flag(data["ephemeral"], "ephemeral")
         if data.get("ttl") is not None:
