@@ -2,7 +2,9 @@
 with 20 VMs defined and all stopped, then with 3 of them running; the agent's RSS; its
 CPU time over a window (60 s) with the 3 VMs running and booted (its 1 Hz watcher
 included). VMs have 512M of memory each. `vmctl --version` (a whole vmctl process that
-makes no request) is timed too: the floor under any vmctl command.
+makes no request) is timed too: the floor under any vmctl command; and under that the
+interpreter's own start (`python3 -c pass`, same interpreter and site-packages), the
+floor under any Python program on this machine.
 
     python3 bench/agent_cost.py [--vms 20] [--running 3] [--window 60] [--quick]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,16 +37,23 @@ def wall(fn) -> float:
 
 
 def list_times(agent: AgentProcess, n: int, expect: int) -> dict:
-    cli, api, floor = [], [], []
+    cli, after, api, floor, python = [], [], [], [], []
     for _ in range(n):
         res = []
         cli.append(wall(lambda: res.append(vmctl(agent, "--json", "list"))))
+        after.append(wall(lambda: vmctl(agent, "list", "--json")))
         api.append(wall(lambda: agent.ok("GET", "/vms")))
         floor.append(wall(lambda: vmctl(agent, "--version")))
+        python.append(wall(lambda: subprocess.run([sys.executable, "-c", "pass"],
+                                                  check=True)))
     assert res[0].stdout.count('"name"') >= expect, res[0].stdout[:500]
     return {"vmctl_list_json_ms": round(median(cli) * 1000, 1),
             "vmctl_list_json_ms_min": round(min(cli) * 1000, 1),
+            "vmctl_list_json_after_ms": round(median(after) * 1000, 1),
             "vmctl_version_ms": round(median(floor) * 1000, 1),
+            "vmctl_version_ms_min": round(min(floor) * 1000, 1),
+            "python_start_ms": round(median(python) * 1000, 1),
+            "python_start_ms_min": round(min(python) * 1000, 1),
             # a list costs what starting vmctl costs: ~1.0 means the request is free
             "vmctl_list_over_version": round(median(cli) / median(floor), 2),
             "api_list_ms": round(median(api) * 1000, 2),

@@ -20,6 +20,7 @@ the minimal one what the command line (machine, CPU model, devices) costs.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -120,6 +121,8 @@ def main() -> None:
                     rnd[kind] = qemu_run(BareVM(agent, work, f"bare{i}", spec_keys), key)
                 log(f"  {kind}: {rnd[kind]['total_s']:.1f}s")
             detail.append(rnd)
+            # each round as one line too: a run cut short keeps what it measured
+            log(f"round {i + 1}: {json.dumps(rnd)}")
     total = {kind: [d[kind]["total_s"] for d in detail] for kind in kinds}
     ratios = [a / b for a, b in zip(total["agent"], total["minimal"])]
     doc = {"benchmark": "create_to_ssh", "machine": mach, "runs": runs, "spec": SPEC,

@@ -61,7 +61,7 @@ def warm_api_run(agent: AgentProcess, name: str, key: Path) -> dict:
     doc = agent.ok("POST", "/vms", {"name": name, "template": TEMPLATE,
                                     "ssh_keys": [key.with_suffix(".pub").read_text()]})
     created = time.monotonic()
-    done, attempts = ssh_login_retry(doc["ssh_port"], key, time.monotonic() + 120)
+    done, attempts = ssh_login_retry(doc["ssh_port"], key, time.monotonic() + BOOT_TIMEOUT)
     return {"total_s": round(done - t0, 2), "create_request_s": round(created - t0, 2),
             "login_attempts": attempts, "agent_timings": doc.get("warm")}
 

@@ -61,3 +61,12 @@ def test_the_check_sees_a_heavy_import(tmp_path):
     proc, modules = imported(["completion", "bash"], tmp_path)
     assert proc.returncode == 0
     assert "click.shell_completion" in heavy(modules)
+
+
+@pytest.mark.parametrize("args", [["list", "--json"], ["ssh", "dev1", "--", "true"]])
+def test_one_agent_needs_no_placement_machinery(tmp_path, args):
+    """Placement across hosts (a thread pool, vmagent.alloc's ranking) is imported only
+    where a create is placed or several hosts are asked."""
+    proc, modules = imported(args, tmp_path)
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    assert not {m for m in modules if m.startswith(("concurrent", "vmagent.alloc"))}

@@ -19,18 +19,19 @@ never a reservation (docs/allocation.md, docs/scaling.md).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vmagent.alloc.placement import HostView, Option, rank
-from vmagent.alloc.sizing import demand, size
 from vmagent.errors import VMAgentError
 from vmagent.spec import VMSpec
 
 from .errors import AgentError, CLIError
 
+# the ranking (vmagent.alloc) and the thread pool are imported where a create is placed
+# or several hosts are asked: `vmctl list` on one agent needs neither (start-up)
 if TYPE_CHECKING:                      # pragma: no cover
+    from vmagent.alloc.placement import Option
+
     from .address import Target
     from .config import Config
     from .output import Output
@@ -81,6 +82,8 @@ def probe(app: App, names: list[str], calls: dict[str, dict[str, Any]],
     """Make ``calls`` ({key: {"op", params...}}) on every host at once. A host that
     does not answer within ``timeout`` (or cannot be reached) gets its error; an agent
     error of one call is its answer (an :class:`AgentError`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from . import address
     from .client import AgentClient
 
@@ -144,6 +147,8 @@ class Decision:
 
 def decide(app: App, names: list[str], vm: str, params: dict[str, Any]) -> Decision:
     """Ask the hosts and rank them for creating ``vm`` with ``params``."""
+    from vmagent.alloc.placement import HostView, Option, rank
+    from vmagent.alloc.sizing import demand, size
     calls: dict[str, dict[str, Any]] = {"host": {"op": "host"},
                                         "status": {"op": "status", "name": vm}}
     template = params.get("template")
