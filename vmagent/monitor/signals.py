@@ -65,6 +65,9 @@ class Check:
     at: float = 0.0                 # when the last check ended
     latency: float = 0.0            # how long it took
     runs: int = 0
+    backoff_max: float = 0.0        # >0: while it fails, wait 1, 2, 4 ... up to this
+    fails: int = 0                  # failures in a row
+    not_before: float = 0.0         # (monotonic) the backoff's next start
     _task: asyncio.Task | None = None
 
     @property
@@ -72,7 +75,7 @@ class Check:
         return self._task is not None and not self._task.done()
 
     def start(self, vm: VM, on_done: Callable[["Check"], None]) -> None:
-        if not self.busy:
+        if not self.busy and time.monotonic() >= self.not_before:
             self._task = asyncio.create_task(self._run(vm, on_done))
 
     async def _run(self, vm: VM, on_done: Callable[["Check"], None]) -> None:
@@ -89,6 +92,9 @@ class Check:
             self.since = now
         self.value, self.at, self.latency = value, now, now - t0
         self.runs += 1
+        self.fails = 0 if value else self.fails + 1
+        if self.backoff_max and self.fails > 1:
+            self.not_before = t0 + min(2.0 ** (self.fails - 1), self.backoff_max)
         on_done(self)
 
     def cancel(self) -> None:
@@ -106,7 +112,10 @@ class VMSignals:
         probes = {"link": link_probe, "net": net_probe, "qmp": qmp_probe, **(probes or {})}
         self.vm = vm
         self.link = Check("link", probes["link"], cfg.link_timeout)
-        self.net = Check("net", probes["net"], cfg.net_timeout)
+        # every net check is an sshd the guest starts: a guest that does not greet in
+        # time (slow, overloaded) is asked less often, 1, 2, 4, 8 s apart, so the
+        # checks do not pile up in its sshd (a change to down is seen at once still)
+        self.net = Check("net", probes["net"], cfg.net_timeout, backoff_max=8.0)
         self.qmp = Check("qmp", probes["qmp"], min(cfg.link_timeout * 2, 2.0))
         self.qmp.value = "running"          # answering until it does not
         self.link_ever = False              # the guest agent answered in this run
