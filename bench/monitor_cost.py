@@ -36,16 +36,22 @@ def agent_cpu(pid: int, window: float) -> tuple[float, float]:
     return cpu_seconds(pid) - c0, time.monotonic() - t0
 
 
-def wait_signals(agent, names: list[str], want: bool, timeout: float = 300) -> float:
-    """Seconds until every VM's link and net read ``want``."""
+def wait_signals(agent, names: list[str], want: bool, timeout: float = 300
+                 ) -> tuple[float, dict]:
+    """(seconds until every VM's link and net read ``want``, or the timeout; how many
+    VMs read it for each). An overloaded host's guests may not answer in time at all:
+    that is reported, not hidden."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    while True:
         sts = [agent.ok("GET", f"/vms/{n}") for n in names]
-        if all(bool(s["link_alive"]) == want and bool(s["net_alive"]) == want for s in sts):
-            return time.monotonic() - t0
+        seen = {"link": sum(bool(s["link_alive"]) == want for s in sts),
+                "net": sum(bool(s["net_alive"]) == want for s in sts)}
+        if seen == {"link": len(names), "net": len(names)} or \
+                time.monotonic() - t0 > timeout:
+            if seen != {"link": len(names), "net": len(names)}:
+                log(f"after {timeout:g}s only {seen} of {len(names)} VMs read {want}")
+            return time.monotonic() - t0, seen
         time.sleep(0.5)
-    raise SystemExit(f"signals not {want} after {timeout:g}s: "
-                     f"{[(s['name'], s['link_alive'], s['net_alive']) for s in sts]}")
 
 
 def time_to_broken(agent, name: str) -> float:
@@ -90,7 +96,8 @@ def main() -> None:
                      timeout=600)
             warm_s.append(time.monotonic() - t0)
         log(f"{args.vms} clones; waiting for their signals")
-        up_s = wait_signals(agent, names, True)
+        up_s, up = wait_signals(agent, names, True,
+                                timeout=60 if args.quick else 300)
         if args.paused:
             for n in names:
                 operator_qmp(agent.ok("GET", f"/vms/{n}")["run_dir"], "stop")
@@ -102,7 +109,7 @@ def main() -> None:
         if args.paused:
             for n in names:
                 operator_qmp(agent.ok("GET", f"/vms/{n}")["run_dir"], "cont")
-            wait_signals(agent, names, True, timeout=120)
+            wait_signals(agent, names, True, timeout=60)
         broken = []
         for k in range(args.kills):
             name = names[k % len(names)]
@@ -120,6 +127,7 @@ def main() -> None:
           "guests": "paused" if args.paused else "running (idle)",
           "interval_s": 1.0, "window_seconds": round(window, 1),
           "warm_create_s_median": median(warm_s, 2), "signals_up_s": round(up_s, 1),
+          "signals_up": up, "loadavg_during": os.getloadavg(),
           "agent_cpu_percent_idle": round(base_pct, 3),
           "agent_cpu_percent": round(pct, 3),
           "per_vm_cpu_percent": round(per_vm, 4),

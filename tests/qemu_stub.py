@@ -576,13 +576,15 @@ class Stub:
                     out = {"error": {"class": e.cls, "desc": e.desc}}
                 if "id" in msg:
                     out["id"] = msg["id"]
-                writer.write((json.dumps(out) + "\n").encode())
+                # guest-sync-delimited's answer follows a 0xFF byte, as qemu-ga's does
+                writer.write((b"\xff" if cmd == "guest-sync-delimited" else b"") +
+                             (json.dumps(out) + "\n").encode())
                 await writer.drain()
         except (ConnectionError, OSError, ValueError):
             pass
 
     def qga_command(self, cmd: str, args: dict):
-        if cmd == "guest-sync":
+        if cmd in ("guest-sync", "guest-sync-delimited"):
             return args["id"]
         if cmd == "guest-ping":
             return {}

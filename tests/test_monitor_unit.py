@@ -398,3 +398,18 @@ def test_the_dashboard_uses_only_exported_metrics(stub):
     for expr in dashboard_exprs():
         for name in re.findall(r"\b(link_alive|net_alive|vmagent_[a-z_]+)\b", expr):
             assert name in exported, (name, expr)
+
+
+def test_a_slow_guest_gets_longer_timeouts_a_dead_one_is_seen_at_once():
+    from vmagent.monitor.signals import Check
+    c = Check("net", lambda vm, t: None, 1.0, adaptive_max=5.0)
+    assert c.limit == 1.0
+    c.recent = [0.1, 0.2]
+    assert c.limit == 1.0                       # fast answers: the configured timeout
+    c.recent = [2.0, 1.5]
+    assert c.limit == 4.0                       # slow answers: twice the slowest
+    c.recent, c.fails = [], 1
+    assert c.limit == 2.0                       # failing: it may just be slow
+    c.fails = 5
+    assert c.limit == 5.0                       # at most adaptive_max
+    assert Check("qmp", lambda vm, t: None, 2.0).limit == 2.0

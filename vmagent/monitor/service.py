@@ -41,6 +41,7 @@ class MonitorService:
         self.tick_seconds = 0.0           # the last tick's duration
         self._task: asyncio.Task | None = None
         self._actions: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()      # a VM's QMP stream ended: a round now
 
     def start(self) -> None:
         """Start the loop; VMs found broken while the agent was away (its qemu died,
@@ -70,7 +71,12 @@ class MonitorService:
             except Exception:  # noqa: BLE001 - the monitor must survive any one VM
                 log.exception("monitor tick failed")
             self.tick_seconds = time.monotonic() - t0
-            await asyncio.sleep(max(0.0, self.cfg.interval - self.tick_seconds))
+            try:
+                await asyncio.wait_for(self._wake.wait(),
+                                       max(0.0, self.cfg.interval - self.tick_seconds))
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
 
     # --- one round ----------------------------------------------------------------------
 
@@ -101,6 +107,7 @@ class MonitorService:
             if sig is None or sig.vm is not vm:
                 self._unwatch(vm.name)
                 sig = self.signals[vm.name] = VMSignals(vm, self.cfg, self.probes)
+                vm.on_qmp_closed = self._wake.set
             if vm.lock.locked():            # an operation holds it: checks only
                 sig.tick()
                 continue

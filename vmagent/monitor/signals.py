@@ -65,20 +65,38 @@ class Check:
     at: float = 0.0                 # when the last check ended
     latency: float = 0.0            # how long it took
     runs: int = 0
+    backoff_max: float = 0.0        # >0: while it fails, wait 1, 2, 4 ... up to this
+    adaptive_max: float = 0.0       # >0: the timeout follows how long recent answers
+                                    # took (twice the slowest of the last 5) and grows
+                                    # while it fails (x2, x4, x8), up to this
+    recent: list[float] = field(default_factory=list)   # latencies of recent successes
+    fails: int = 0                  # failures in a row
+    not_before: float = 0.0         # (monotonic) the backoff's next start
     _task: asyncio.Task | None = None
 
     @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def limit(self) -> float:
+        """This check's timeout now: the configured one, or longer for a guest whose
+        answers have been slow (an overloaded host: slow is not dead)."""
+        if not self.adaptive_max:
+            return self.timeout
+        slow = 2 * max(self.recent) if self.recent else 0.0
+        failing = self.timeout * 2 ** min(self.fails, 3)   # it may just be slow: wait more
+        return min(max(self.timeout, slow, failing), self.adaptive_max)
+
     def start(self, vm: VM, on_done: Callable[["Check"], None]) -> None:
-        if not self.busy:
+        if not self.busy and time.monotonic() >= self.not_before:
             self._task = asyncio.create_task(self._run(vm, on_done))
 
     async def _run(self, vm: VM, on_done: Callable[["Check"], None]) -> None:
         t0 = time.monotonic()
         try:
-            value = await asyncio.wait_for(self.probe(vm, self.timeout), self.timeout + 1)
+            limit = self.limit
+            value = await asyncio.wait_for(self.probe(vm, limit), limit + 1)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed probe is a failed check
@@ -89,6 +107,11 @@ class Check:
             self.since = now
         self.value, self.at, self.latency = value, now, now - t0
         self.runs += 1
+        self.fails = 0 if value else self.fails + 1
+        if value:
+            self.recent = (self.recent + [now - t0])[-5:]
+        if self.backoff_max and self.fails > 1:
+            self.not_before = t0 + min(2.0 ** (self.fails - 1), self.backoff_max)
         on_done(self)
 
     def cancel(self) -> None:
@@ -105,8 +128,12 @@ class VMSignals:
                  ) -> None:
         probes = {"link": link_probe, "net": net_probe, "qmp": qmp_probe, **(probes or {})}
         self.vm = vm
-        self.link = Check("link", probes["link"], cfg.link_timeout)
-        self.net = Check("net", probes["net"], cfg.net_timeout)
+        self.link = Check("link", probes["link"], cfg.link_timeout, adaptive_max=5.0)
+        # every net check is an sshd the guest starts: a guest that does not greet in
+        # time (slow, overloaded) is asked less often, 1, 2, 4, 8 s apart, so the
+        # checks do not pile up in its sshd (a change to down is seen at once still)
+        self.net = Check("net", probes["net"], cfg.net_timeout, backoff_max=8.0,
+                         adaptive_max=5.0)
         self.qmp = Check("qmp", probes["qmp"], min(cfg.link_timeout * 2, 2.0))
         self.qmp.value = "running"          # answering until it does not
         self.link_ever = False              # the guest agent answered in this run

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import os
 import time
 from pathlib import Path
 
 from vmagent.errors import Timeout, VMAgentError
 from vmagent.poll import poll_until
-from vmagent.qemu.qmp import Monitor, guest_agent, guest_agent_call
+from vmagent.qemu.qmp import Monitor, connect_unix, guest_agent
 
 
 async def guest_exec(qga: Path, name: str, path: str, args: list[str],
@@ -56,12 +59,45 @@ async def _exec_status(mon: Monitor, name: str, path: str, pid: int,
 
 
 async def guest_ping(qga: Path, name: str, timeout: float = 2.0) -> bool:
-    """Whether the guest agent answers (a ``guest-ping`` on a fresh connection)."""
+    """Whether the guest agent answers a ``guest-ping`` within ``timeout`` (a fresh
+    connection). The monitor's link check, once a second: it must recover by itself
+    from a guest that was too slow before. The guest agent answers every request it
+    ever got, in order, to whoever is connected then, so after a timed-out check the
+    next connection first receives stale replies; ``guest-sync-delimited`` (its answer
+    comes after a 0xFF byte, and the byte resets the agent's parser) with a fresh id
+    tells where this connection's own answers begin, and what came before is
+    skipped."""
     try:
-        await guest_agent_call(qga, name, "guest-ping", timeout=timeout)
-        return True
-    except VMAgentError:
+        return await asyncio.wait_for(_ping(qga), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError):
         return False
+
+
+async def _ping(path: Path) -> bool:
+    sock = connect_unix(path)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        token = int.from_bytes(os.urandom(4), "big") >> 1
+        writer.write(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
+                                            "arguments": {"id": token}}).encode() + b"\n")
+        writer.write(b'{"execute": "guest-ping"}\n')
+        await writer.drain()
+        synced = False
+        while line := await reader.readline():
+            line = line.replace(b"\xff", b"").strip()
+            try:
+                msg = json.loads(line) if line else None
+            except ValueError:
+                continue                    # a stale reply torn by a closed connection
+            if not isinstance(msg, dict):
+                continue
+            if not synced:
+                synced = msg.get("return") == token
+            else:
+                return "return" in msg      # the ping's answer follows the sync's
+        return False
+    finally:
+        writer.close()
 
 
 async def wait_guest_agent(qga: Path, name: str, timeout: float) -> None:

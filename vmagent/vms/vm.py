@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vmagent import rundir
 from vmagent.errors import Conflict, QMPFailure, Timeout, VMAgentError
@@ -81,6 +81,9 @@ class VM:
         # a new value for each boot this agent sees (vmctl names its SSH control
         # sockets with it: a master of an earlier boot is never reused, vmctl/sshmaster.py)
         self.boot_id = secrets.token_hex(8)
+        # called when qemu's QMP stream ends by itself (qemu exited or died): the
+        # monitor looks at once instead of at its next round
+        self.on_qmp_closed: Callable[[], None] | None = None
         self._scan: tuple[int, int, dict] = (-1, -1, {})   # (offset, size, result)
         # the SSH host keys the agent made for it (None: the guest made its own)
         self.host_keys = hostkeys.load(rec.run_dir)
@@ -171,6 +174,8 @@ class VM:
             raise
         except Exception as e:  # noqa: BLE001 - the monitor went away with qemu
             log.debug("%s: event stream ended: %s", self.name, e)
+        if self.on_qmp_closed is not None:
+            self.on_qmp_closed()
 
     async def qmp(self, command: str, arguments: dict | None = None,
                   timeout: float | None = None) -> Any:
