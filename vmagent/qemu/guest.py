@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vmagent.errors import Timeout, VMAgentError
 from vmagent.poll import poll_until
-from vmagent.qemu.qmp import Monitor, connect_unix, guest_agent
+from vmagent.qemu.qmp import Monitor, SocketBusy, connect_unix, guest_agent
 
 
 async def guest_exec(qga: Path, name: str, path: str, args: list[str],
@@ -66,9 +66,15 @@ async def guest_ping(qga: Path, name: str, timeout: float = 2.0) -> bool:
     next connection first receives stale replies; ``guest-sync-delimited`` (its answer
     comes after a 0xFF byte, and the byte resets the agent's parser) with a fresh id
     tells where this connection's own answers begin, and what came before is
-    skipped."""
+    skipped.
+
+    A guest agent busy with another client (:class:`SocketBusy`: qemu serves one at a
+    time, such as a guest-exec of the agent's) is neither an answer nor a silence: that
+    is raised, for the caller to tell."""
     try:
         return await asyncio.wait_for(_ping(qga), timeout)
+    except SocketBusy:
+        raise
     except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError):
         return False
 

@@ -25,9 +25,20 @@ SUN_PATH_MAX = 107
 DEFAULT_TIMEOUT = 10.0
 
 
+class SocketBusy(ConnectionError):
+    """A unix socket whose listener does not take another connection now."""
+
+
 def connect_unix(path: Path) -> socket.socket:
-    """A connected, non-blocking AF_UNIX stream socket to ``path`` (any length)."""
+    """A connected, non-blocking AF_UNIX stream socket to ``path`` (any length).
+
+    The connect itself never blocks: a listener whose queue is full (qemu accepts one
+    client at a time on a chardev socket, such as the guest agent's, and queues one more)
+    makes a blocking ``connect`` wait in the kernel for as long as that client stays,
+    with the agent's whole event loop behind it. Here that is an error at once
+    (:class:`SocketBusy`), which callers treat as any other failed connection."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
         target = str(path)
         if len(os.fsencode(target)) <= SUN_PATH_MAX:
@@ -38,8 +49,10 @@ def connect_unix(path: Path) -> socket.socket:
                 sock.connect(f"/proc/self/fd/{dirfd}/{path.name}")
             finally:
                 os.close(dirfd)
-        sock.setblocking(False)
         return sock
+    except BlockingIOError:
+        sock.close()
+        raise SocketBusy(f"{path.name}: busy (its listener's queue is full)") from None
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,70 @@
+"""Connecting to qemu's unix sockets never blocks the agent's event loop."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from vmagent.qemu.qmp import SocketBusy, connect_unix
+
+
+def test_a_full_listener_queue_is_an_error_at_once(tmp_path):
+    """qemu takes one client at a time on a chardev socket (the guest agent's) and
+    queues one more: a blocking connect to it waited in the kernel for as long as the
+    first client stayed, and the agent with it (seen: the whole agent hung for minutes
+    while a pool hand-over and the monitor's link check both talked to one guest)."""
+    path = tmp_path / "qga.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)                       # never accepts: the queue fills
+    queued = []
+    try:
+        while True:                        # fill the queue, as earlier clients do
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+            assert len(queued) < 100
+        outcome: list = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(connect_unix(path))
+            except Exception as e:         # noqa: BLE001 - the outcome is checked below
+                outcome.append(e)
+        t = threading.Thread(target=attempt, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "connect_unix blocked on a full listener queue"
+        assert isinstance(outcome[0], SocketBusy) and isinstance(outcome[0], OSError)
+        assert "busy" in str(outcome[0])
+    finally:
+        for c in queued:
+            c.close()
+        server.close()
+
+
+def test_a_listener_with_room_connects(tmp_path):
+    path = tmp_path / "qmp.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    try:
+        sock = connect_unix(path)
+        assert sock.getblocking() is False
+        peer, _ = server.accept()
+        sock.close()
+        peer.close()
+    finally:
+        server.close()
+
+
+def test_no_listener_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        connect_unix(tmp_path / "missing.sock")
