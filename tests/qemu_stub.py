@@ -17,7 +17,9 @@ Keys: ``fail_start`` ({"message", "exitcode", "times"}: fail before daemonizing;
 file it came from), ``ignore_powerdown``, ``guest_agent`` ("on", "silent": the socket
 exists but never answers, "absent": no socket), ``hang`` (read QMP and guest-agent
 commands, answer none), ``ssh`` ("banner" or "silent"), ``cloud_init_delay``,
-``shutdown_delay``, ``snapshot_error``, ``migrate_error``, ``exec`` ({PATH: {"exitcode",
+``shutdown_delay``, ``snapshot_error``, ``migrate_error``, ``guest_files`` ({PATH: text}:
+what ``guest-file-open`` finds for reading; without it the guest agent has no file
+commands), ``exec`` ({PATH: {"exitcode",
 "out"}}), and the triggers ``panic`` (GUEST_PANICKED, SHUTDOWN, exit), ``poweroff`` (the
 guest powers itself off), ``reset`` (the guest reboots itself), ``io_error`` (a full
 disk: BLOCK_IO_ERROR, STOP, status io-error) and ``die`` (exit 1 at once, no event).
@@ -232,6 +234,7 @@ class Stub:
         self.media: dict[str, str] = {}
         self.params: dict = {}
         self.execs: dict[int, dict] = {}
+        self.handles: dict[int, dict] = {}     # open guest-file handles
         self.fired: set[str] = set()
         self.boot_task: asyncio.Task | None = None
         self.exiting = False
@@ -606,6 +609,32 @@ class Stub:
                                "out-data": base64.b64encode(
                                    result.get("out", "").encode()).decode()}
             return {"pid": pid}
+        if cmd == "guest-set-time":
+            return {}
+        if cmd == "guest-file-open":
+            files = self.control.get().get("guest_files")
+            if files is None:        # a guest agent without file commands (the default)
+                raise QMPError(f"The command {cmd} has not been found", "CommandNotFound")
+            handle = 100 + len(self.handles)
+            path, mode = args["path"], args.get("mode", "r")
+            if mode.startswith("r") and path not in files:
+                raise QMPError(f"failed to open file '{path}': No such file")
+            self.handles[handle] = {"path": path, "mode": mode, "pos": 0,
+                                    "data": b"" if mode.startswith("w") else
+                                    files[path].encode()}
+            return handle
+        if cmd == "guest-file-write":
+            self.handles[args["handle"]]["data"] += base64.b64decode(args["buf-b64"])
+            return {"count": len(base64.b64decode(args["buf-b64"])), "eof": False}
+        if cmd == "guest-file-read":
+            h = self.handles[args["handle"]]
+            chunk = h["data"][h["pos"]:h["pos"] + args.get("count", 4096)]
+            h["pos"] += len(chunk)
+            return {"count": len(chunk), "buf-b64": base64.b64encode(chunk).decode(),
+                    "eof": h["pos"] >= len(h["data"])}
+        if cmd == "guest-file-close":
+            self.handles.pop(args["handle"], None)
+            return {}
         if cmd == "guest-exec-status":
             if args.get("pid") not in self.execs:
                 raise QMPError("Invalid parameter 'pid'")

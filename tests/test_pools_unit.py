@@ -4,6 +4,7 @@ caller's), the refill, re-adoption after a restart, removal."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -172,3 +173,31 @@ def test_a_member_that_was_not_ready_is_made_again_after_a_restart(stub):
             (new,) = await filled(again, "n", 1)
             assert new != old
     run(body(), timeout=90)
+
+
+def test_a_take_by_the_pools_creator_uses_the_guest_agents_file_commands(stub):
+    async def body():
+        async with stub.running() as agent:
+            StubEnv.control(stub, guest_files={
+                "/etc/hosts": "127.0.0.1 localhost\n127.0.1.1 old old\n"})
+            member = await pool_of_one(agent, "q")
+            run_dir = agent.registry.get(member).run_dir
+            perl_before = [e for e in StubEnv.log(run_dir, "qga")
+                           if e["execute"] == "guest-exec"]
+            st = await call(agent, "create", name="quick", pool="q", ssh_keys=[KEY])
+            assert st["handover"]["identity"] == "guest agent"
+            log = StubEnv.log(agent.registry.get("quick").run_dir, "qga")
+            assert [e for e in log if e["execute"] == "guest-exec"] == perl_before
+            assert any(e["execute"] == "guest-set-time" for e in log)
+            opened = [e["arguments"]["path"] for e in log
+                      if e["execute"] == "guest-file-open"
+                      and e["arguments"]["mode"] == "w"]
+            user = st["ssh_user"]
+            assert opened == ["/proc/sys/kernel/hostname", "/etc/hostname", "/etc/hosts",
+                              f"/home/{user}/.ssh/authorized_keys"]
+            written = [base64.b64decode(e["arguments"]["buf-b64"]).decode()
+                       for e in log if e["execute"] == "guest-file-write"]
+            assert written[:3] == ["quick\n", "quick\n",
+                                   "127.0.0.1 localhost\n127.0.1.1 quick quick\n"]
+            assert KEY in written[3] and "vmagent-pool-warmup" not in written[3]
+    run(body(), timeout=60)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import click
+
 from .app import App
 from .errors import AgentError, CLIError
 
@@ -36,6 +38,7 @@ DEFAULT_TTL = 6 * 3600    # the VM's TTL when the job has no timeout
 TIMED_OUT = 124           # the exit code of a job that ran out of time (as timeout(1))
 SIGNALLED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 WORKDIR = "job"
+JOB_CONNECT_TIMEOUT = 60  # seconds for the job VM's SSH banner (at least)
 POOL_WAIT = 900           # how long a job waits for an empty pool without a timeout           # in the guest, under the SSH user's home
 
 
@@ -189,8 +192,13 @@ class Job:
         from . import vmssh
         assert self.status is not None
         vmssh.pin_host_keys(self.app.call, self.app.target, self.status)
-        return vmssh.ssh_argv(self.app.target, self.status, self.app.config, [command],
-                              batch=True, tty=False)
+        argv = vmssh.ssh_argv(self.app.target, self.status, self.app.config, [command],
+                              tty=False)
+        # no prompts; a fresh clone on a busy host may greet slowly (ssh takes the first
+        # value given for an option)
+        return [argv[0], "-o", "BatchMode=yes", "-o",
+                f"ConnectTimeout={max(vmssh.connect_timeout(), JOB_CONNECT_TIMEOUT):g}",
+                *argv[1:]]
 
     def _command(self) -> int:
         argv = self._ssh(self.spec.remote_command())
@@ -217,6 +225,9 @@ class Job:
                               f"deleting {self.name}")
             return TIMED_OUT
         pump.join(5)
+        if code == 255:
+            click.echo(f"vmctl: the job's SSH session to {self.name} failed, or COMMAND "
+                       "exited 255", err=True)
         if tar is not None and tar.wait() != 0:
             raise CLIError(f"--copy {self.spec.copy}: tar failed (exit {tar.returncode})",
                            "bad_request")

@@ -5,8 +5,9 @@ The member was warm-started from the template, re-identified (its own host keys,
 machine-id, RNG) and paused when the pool was filled. The hand-over renames it (its
 run dir moves; qemu keeps running), makes it the caller's (owner, accounts, ephemeral,
 TTL from now), resumes it, and gives the guest its final hostname, the caller's keys
-and the clock through one guest-agent run of the re-identification program
-(:mod:`vmagent.identity.reidentify`, the warm start's). A member that fails this is
+and the clock: through the guest agent's own file and clock commands when the member
+has the caller's accounts (:mod:`vmagent.pools.quickid`), else through one run of the
+re-identification program (:mod:`vmagent.identity.reidentify`, the warm start's). A member that fails this is
 deleted: the caller gets the error, never a half-handed VM.
 """
 
@@ -21,6 +22,7 @@ from vmagent.context import RequestContext
 from vmagent.errors import QMPFailure, Timeout
 from vmagent.identity import hostkeys
 from vmagent.identity.accounts import Account
+from vmagent.pools import quickid
 from vmagent.pools.store import clear_mark
 from vmagent.spec import VMSpec
 from vmagent.templates.store import Template
@@ -53,6 +55,7 @@ class Handover:
         if alloc is not None:
             alloc.renamed(old, vm)
         timings: dict[str, Any] = {"member": old}
+        member_accounts = list(vm.rec.rt.accounts or [])
         try:
             spec, rt = vm.rec.spec, vm.rec.rt
             spec.ephemeral, spec.ttl = given.ephemeral, given.ttl
@@ -66,7 +69,12 @@ class Handover:
             timings["resume_s"] = round(time.monotonic() - t0, 3)
             banner = asyncio.create_task(vm.wait_banner(BANNER_WAIT))
             try:
-                await self.warm.reidentify(vm, tpl, keys, timings)
+                if await quickid.give(vm.qga, vm.name, accounts, member_accounts,
+                                      timings):
+                    timings["identity"] = "guest agent"
+                else:
+                    await self.warm.reidentify(vm, tpl, keys, timings)
+                    timings["identity"] = "re-identification program"
                 timings["reidentify_s"] = round(time.monotonic() - t0, 3)
                 if not await banner and not await vm.wait_banner(BANNER_WAIT):
                     raise Timeout(f"{vm.name}: sshd did not answer after the hand-over")

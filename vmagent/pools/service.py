@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 RETRY = 15.0            # a pool whose last fill failed is tried again after this
 IDLE = 5.0              # the refill looks again at least this often
+# after a take the refill waits this long: the taker's first connection and command
+# get the CPU, not another clone's restore
+TAKE_GRACE = 5.0
 # fields a taken VM gets from the request; the rest is the template's
 TAKEN_FIELDS = {"name", "ssh_keys", "admins", "ephemeral", "ttl"}
 
@@ -67,6 +70,7 @@ class PoolService:
         self.errors: dict[str, str] = {}          # the last failed fill of a pool
         self.retry_at: dict[str, float] = {}
         self.filling: dict[str, str] = {}         # pool -> the member being made
+        self.taken_at = 0.0                       # monotonic time of the last take
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -179,6 +183,7 @@ class PoolService:
                         or not mark.get("ready") or vm.rec.rt.state != State.RUNNING):
                     continue
                 timings = await self.handover.take(vm, ctx, given, accounts, tpl)
+            self.taken_at = time.monotonic()
             self._wake.set()
             return {**vm_status(vm, ctx.caller.user), "pool": found.name,
                     "template": tpl.name, "handover": timings}
@@ -236,6 +241,9 @@ class PoolService:
     async def fill_one(self) -> bool:
         """Make one member for the first pool short of its size; whether it tried."""
         now = time.monotonic()
+        if now - self.taken_at < TAKE_GRACE:
+            await asyncio.sleep(TAKE_GRACE - (now - self.taken_at))
+            return True
         for pool in sorted(self.pools.values(), key=lambda p: p.name):
             have = len(self.members(pool.name))
             if have >= pool.size:
@@ -266,6 +274,11 @@ class PoolService:
                                        mark=lambda d: write_mark(d, pool.name, False))
             vm = self.registry.get(name)
             async with vm.lock:
+                if self.pools.get(pool.name) is not pool:     # removed meanwhile
+                    log.info("pool %s: removed while %s was made: deleting it",
+                             pool.name, name)
+                    await self.remove(vm)
+                    return
                 # its sshd translated once (TCG keeps it while paused); the key goes
                 # at the hand-over, which writes the taker's keys only
                 warmed = await warmup.login(ssh_user(vm, pool.owner), vm.rec.rt.ssh_port)
