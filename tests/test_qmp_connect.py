@@ -68,3 +68,47 @@ def test_a_listener_with_room_connects(tmp_path):
 def test_no_listener_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         connect_unix(tmp_path / "missing.sock")
+
+
+def test_a_monitor_waits_its_turn_on_a_busy_socket(tmp_path):
+    """A QMP or guest-agent connection (a pool's hand-over, a guest-exec) retries a busy
+    socket, awake, until its timeout; then it says so."""
+    import asyncio
+
+    from vmagent.errors import Timeout
+    from vmagent.qemu.qmp import Monitor
+
+    path = tmp_path / "qga.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    queued = []
+    try:
+        while True:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+
+        async def body():
+            ticks = 0
+
+            async def ticker():        # the event loop keeps running meanwhile
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+            t = asyncio.create_task(ticker())
+            with pytest.raises(Timeout, match="busy"):
+                await Monitor(path, "vm1").connect(timeout=0.5)
+            t.cancel()
+            return ticks
+        assert asyncio.run(body()) > 10
+    finally:
+        for c in queued:
+            c.close()
+        server.close()

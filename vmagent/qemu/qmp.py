@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SUN_PATH_MAX = 107
 DEFAULT_TIMEOUT = 10.0
+BUSY_RETRY = 0.05           # how often a busy socket is tried again
 
 
 class SocketBusy(ConnectionError):
@@ -73,11 +75,20 @@ class Monitor:
             self.client.negotiate = False
 
     async def connect(self, timeout: float | None = None) -> "Monitor":
-        try:
-            sock = connect_unix(self.path)
-        except OSError as e:
-            raise QMPFailure(f"{self.name}: cannot connect to {self.path.name}: "
-                             f"{e.strerror or e}", socket=str(self.path)) from e
+        limit = timeout or self.timeout
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                sock = connect_unix(self.path)
+                break
+            except SocketBusy as e:         # another client now: wait our turn, awake
+                if time.monotonic() >= deadline:
+                    raise Timeout(f"{self.name}: {self.path.name} stayed busy with "
+                                  f"other clients for {limit:g}s") from e
+                await asyncio.sleep(BUSY_RETRY)
+            except OSError as e:
+                raise QMPFailure(f"{self.name}: cannot connect to {self.path.name}: "
+                                 f"{e.strerror or e}", socket=str(self.path)) from e
         try:
             await asyncio.wait_for(self.client.connect(sock), timeout or self.timeout)
         except asyncio.TimeoutError as e:
