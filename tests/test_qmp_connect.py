@@ -10,6 +10,21 @@ import pytest
 from vmagent.qemu.qmp import SocketBusy, connect_unix
 
 
+def fill_queue(path) -> list[socket.socket]:
+    """Connections that fill a never-accepting listener's queue, as earlier clients do."""
+    queued = []
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(str(path))
+        except BlockingIOError:
+            c.close()
+            return queued
+        queued.append(c)
+        assert len(queued) < 100
+
+
 def test_a_full_listener_queue_is_an_error_at_once(tmp_path):
     """qemu takes one client at a time on a chardev socket (the guest agent's) and
     queues one more: a blocking connect to it waited in the kernel for as long as the
@@ -19,18 +34,8 @@ def test_a_full_listener_queue_is_an_error_at_once(tmp_path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(0)                       # never accepts: the queue fills
-    queued = []
+    queued = fill_queue(path)
     try:
-        while True:                        # fill the queue, as earlier clients do
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            c.setblocking(False)
-            try:
-                c.connect(str(path))
-            except BlockingIOError:
-                c.close()
-                break
-            queued.append(c)
-            assert len(queued) < 100
         outcome: list = []
 
         def attempt() -> None:
@@ -82,17 +87,8 @@ def test_a_monitor_waits_its_turn_on_a_busy_socket(tmp_path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(0)
-    queued = []
+    queued = fill_queue(path)
     try:
-        while True:
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            c.setblocking(False)
-            try:
-                c.connect(str(path))
-            except BlockingIOError:
-                c.close()
-                break
-            queued.append(c)
 
         async def body():
             ticks = 0
