@@ -26,7 +26,6 @@ from typing import Any, Awaitable, Callable
 from vmagent.alloc.config import MonitorConfig
 from vmagent.errors import VMAgentError
 from vmagent.qemu.guest import guest_ping
-from vmagent.qemu.qmp import SocketBusy
 from vmagent.vms.vm import VM, ssh_banner
 
 log = logging.getLogger(__name__)
@@ -100,9 +99,6 @@ class Check:
             value = await asyncio.wait_for(self.probe(vm, limit), limit + 1)
         except asyncio.CancelledError:
             raise
-        except SocketBusy:          # the guest agent serves another client: no result
-            log.debug("%s: %s check: busy, kept %r", vm.name, self.name, self.value)
-            return
         except Exception as e:  # noqa: BLE001 - a failed probe is a failed check
             log.debug("%s: %s check: %s", vm.name, self.name, e)
             value = None
