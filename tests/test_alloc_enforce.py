@@ -72,9 +72,12 @@ def test_cpu_limit_caps_a_busy_vm_and_raising_it_applies_at_once(session_agent, 
           f"{t1 - t0} of {WINDOW * 10:g} periods; cpu_limit 2 (the host's cores): "
           f"{unlimited:.3f} cores, throttled in {t2 - t1}; load average {load}")
     assert limited <= 0.55, limited
-    # the limit is what held it: throttled in most periods, and hardly once raised
+    # the limit is what held it: throttled in most periods; once raised, hardly
+    # throttled, or throttled only at the new ceiling (on a 2-core host the spinning
+    # vCPUs plus qemu's own threads can reach 2 cores: CI saw 1.96 cores, 51 periods)
     # (the host is shared: how much more it gets then depends on the others' load)
-    assert t1 - t0 >= WINDOW * 10 * 0.25 and t2 - t1 <= (t1 - t0) / 4, (t0, t1, t2)
+    assert t1 - t0 >= WINDOW * 10 * 0.25, (t0, t1)
+    assert t2 - t1 <= (t1 - t0) / 4 or unlimited >= 0.9 * 2, (t0, t1, t2, unlimited)
     assert unlimited > max(0.55, 1.2 * limited), (limited, unlimited)
 
 
