@@ -340,7 +340,7 @@ def test_on_this_hosts_cgroups_the_daemonized_qemu_is_inside_from_the_start(
         stub, caplog):
     """With the real cgroup v1 file system: the wrapper puts qemu in before it runs, and
     the process -daemonize forks inherits it, so nothing has to be moved."""
-    from vmagent.alloc.cgroup import V1
+    from vmagent.alloc.cgroupfs import V1
     if V1.usable(Path("/sys/fs/cgroup")) is not None:
         pytest.skip("needs root and cgroup v1 controllers at /sys/fs/cgroup")
     root = Path("/sys/fs/cgroup")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from alloc_helpers import v1_tree, v2_tree
-from vmagent.alloc.cgroup import V1, V2, Limits, NoCgroups, open_cgroups
+from vmagent.alloc.cgroup import Limits, NoCgroups
+from vmagent.alloc.cgroupfs import V1, V2, open_cgroups
 from vmagent.errors import InternalError
 
 G = 1 << 30

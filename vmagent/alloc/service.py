@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from vmagent import rundir
 from vmagent.alloc import gpu as gpu_mod
 from vmagent.alloc.capacity import Ledger, Offer
-from vmagent.alloc.cgroup import Cgroups, Limits, open_cgroups
+from vmagent.alloc.cgroup import Cgroups, Limits
+from vmagent.alloc.cgroupfs import open_cgroups
 from vmagent.alloc.config import AgentConfig
 from vmagent.alloc.sizing import Demand, Rules, demand, overhead_for, resize, size
 from vmagent.errors import BadRequest, VMAgentError
