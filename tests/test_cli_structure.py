@@ -19,6 +19,7 @@ from vmctl.main import cli
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_MODULES = sorted(p for p in (ROOT / "vmctl" / "commands").glob("*.py")
                          if p.name != "__init__.py")
+HELPERS = ("common", "specopts")      # shared by commands; no commands of their own
 MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
                  for p in (ROOT / "vmctl").rglob("*.py") if p.name != "__init__.py")
 
@@ -50,17 +51,25 @@ def test_command_modules_do_not_import_main_or_register(path):
     assert "register" not in functions
 
 
-def test_main_adds_every_listed_command():
+def test_main_names_every_listed_command_with_its_module():
     import importlib
-    listed = set()
+
+    from vmctl.main import COMMANDS
+    listed = {}
     for path in COMMAND_MODULES:
         module = importlib.import_module(f"vmctl.commands.{path.stem}")
-        if path.stem == "common":
+        if path.stem in HELPERS:
             continue
         assert module.COMMANDS, path.name
-        listed |= {c.name for c in module.COMMANDS}
-    assert listed == set(cli.commands)
-    assert all(isinstance(c, click.Command) for c in cli.commands.values())
+        listed.update({c.name: path.stem for c in module.COMMANDS})
+    assert listed == COMMANDS
+    ctx = click.Context(cli)
+    assert cli.list_commands(ctx) == list(COMMANDS)
+    for name, stem in COMMANDS.items():
+        command = cli.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name
+        assert command.callback.__module__ == f"vmctl.commands.{stem}"
+    assert cli.get_command(ctx, "no-such-command") is None
 
 
 def test_every_module_imports_alone():

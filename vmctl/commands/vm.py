@@ -10,7 +10,7 @@ import click
 from .. import output
 from ..app import App, Command, command, pass_app
 from .common import confirm, name_argument, vm_name
-from .create import spec_options, spec_params
+from .specopts import spec_options, spec_params
 
 
 def _state_line(status: dict) -> str:
