@@ -4,6 +4,7 @@ and unistat forms, the operation latency guard and the metrics role."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -413,3 +414,30 @@ def test_a_slow_guest_gets_longer_timeouts_a_dead_one_is_seen_at_once():
     c.fails = 5
     assert c.limit == 5.0                       # at most adaptive_max
     assert Check("qmp", lambda vm, t: None, 2.0).limit == 2.0
+
+
+def test_a_refused_check_is_asked_every_round_a_slow_one_backs_off():
+    """A booting guest's sshd refuses (quick): asked again at once, so the banner is
+    seen within a round of sshd's start; one that takes the connection and does not
+    greet (a timeout) is asked 2, 4 ... s apart."""
+    from vmagent.monitor.signals import Check
+
+    async def refused(vm, timeout):
+        return False
+
+    async def silent(vm, timeout):
+        await asyncio.sleep(timeout)
+        return False
+
+    async def body():
+        quick = Check("net", refused, 0.05, backoff_max=8.0, adaptive_max=5.0)
+        for _ in range(5):
+            await quick._run(None, lambda c: None)
+        slow = Check("net", silent, 0.05, backoff_max=8.0)
+        for _ in range(3):
+            await slow._run(None, lambda c: None)
+        return quick, slow
+    quick, slow = run(body(), timeout=30)
+    assert quick.fails == 5 and quick.slow_fails == 0 and quick.not_before == 0.0
+    assert slow.fails == slow.slow_fails == 3
+    assert slow.not_before - slow.at >= 3.5            # 4 s after the third start

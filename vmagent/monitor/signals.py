@@ -65,12 +65,14 @@ class Check:
     at: float = 0.0                 # when the last check ended
     latency: float = 0.0            # how long it took
     runs: int = 0
-    backoff_max: float = 0.0        # >0: while it fails, wait 1, 2, 4 ... up to this
+    backoff_max: float = 0.0        # >0: while it fails slowly (a timeout), wait 1, 2,
+                                    # 4 ... up to this; quick refusals are not backed off
     adaptive_max: float = 0.0       # >0: the timeout follows how long recent answers
                                     # took (twice the slowest of the last 5) and grows
                                     # while it fails (x2, x4, x8), up to this
     recent: list[float] = field(default_factory=list)   # latencies of recent successes
     fails: int = 0                  # failures in a row
+    slow_fails: int = 0             # of those, the ones that ran into the timeout
     not_before: float = 0.0         # (monotonic) the backoff's next start
     _task: asyncio.Task | None = None
 
@@ -108,10 +110,18 @@ class Check:
         self.value, self.at, self.latency = value, now, now - t0
         self.runs += 1
         self.fails = 0 if value else self.fails + 1
+        # a failure that used up its time (the guest took the connection and did not
+        # answer) cost the guest something; a quick one (refused: sshd not up yet) did
+        # not, and is asked again at the next round, so a booting guest's sshd is seen
+        # within a second of its start
+        slow = not value and now - t0 >= 0.9 * limit
+        self.slow_fails = self.slow_fails + 1 if slow else 0
         if value:
             self.recent = (self.recent + [now - t0])[-5:]
-        if self.backoff_max and self.fails > 1:
-            self.not_before = t0 + min(2.0 ** (self.fails - 1), self.backoff_max)
+        if self.backoff_max and self.slow_fails > 1:
+            self.not_before = t0 + min(2.0 ** (self.slow_fails - 1), self.backoff_max)
+        else:
+            self.not_before = 0.0
         on_done(self)
 
     def cancel(self) -> None:
@@ -131,7 +141,8 @@ class VMSignals:
         self.link = Check("link", probes["link"], cfg.link_timeout, adaptive_max=5.0)
         # every net check is an sshd the guest starts: a guest that does not greet in
         # time (slow, overloaded) is asked less often, 1, 2, 4, 8 s apart, so the
-        # checks do not pile up in its sshd (a change to down is seen at once still)
+        # checks do not pile up in its sshd (a change to down is seen at once still);
+        # a refused connection (sshd not started yet) is asked again every second
         self.net = Check("net", probes["net"], cfg.net_timeout, backoff_max=8.0,
                          adaptive_max=5.0)
         self.qmp = Check("qmp", probes["qmp"], min(cfg.link_timeout * 2, 2.0))
