@@ -72,7 +72,14 @@ class Machine:
         return self.run_dir / rundir.PIDFILE
 
     def pid(self) -> int | None:
-        """The pid of this VM's running qemu, or None. Checks the command line."""
+        """The pid of this VM's running qemu, or None. Checks the command line; once
+        checked, the same process (pid and start time, one read of ``/proc/PID/stat``:
+        the monitor asks every second) is taken as it is."""
+        if self._seen is not None:
+            seen, start = self._seen
+            fields = _proc_stat(seen)
+            if fields is not None and fields[19] == start and fields[0] != "Z":
+                return seen
         try:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
@@ -91,10 +98,11 @@ class Machine:
 
     async def launch(self, argv: list[str], timeout: float = LAUNCH_TIMEOUT,
                      prefix: list[str] = ()) -> int:
-        self.launched_in = None
         """Start qemu (it daemonizes once its devices are set up) and return its pid.
         ``prefix`` runs first and execs qemu (it puts qemu into its cgroup:
         :meth:`vmagent.alloc.cgroup.Cgroups.wrap`); errors name qemu's argv."""
+        self.launched_in = None
+        self._seen = None
         rundir.clear_runtime(self.run_dir)
         try:
             proc = await asyncio.create_subprocess_exec(
