@@ -241,6 +241,21 @@ def test_kill_restart_backoff_and_crash_loop(stub):
     run(body(), timeout=90)
 
 
+def test_a_qemu_death_is_seen_without_waiting_for_the_next_round(stub):
+    """qemu's QMP stream ends when it dies: the monitor looks as soon as the process
+    is gone, not at its next round (here 60 s away), and the VM's last events are not
+    waited for (its event stream ends with the connection)."""
+    async def body():
+        async with stub.running(watch=True, config=fast(interval=60.0)) as agent:
+            await create(agent, "vm1", restart="never")
+            vm = agent.registry.get("vm1")
+            await agent.monitor.round()             # watched from now on
+            stub.kill(vm.machine.pid())
+            await until(lambda: state_of(agent) == State.BROKEN, 10, "broken")
+            assert "exited unexpectedly" in vm.rec.rt.reason
+    run(body(), timeout=60)
+
+
 def test_a_vm_its_owner_stopped_is_never_restarted(stub):
     async def body():
         async with stub.running(config=fast(restart_backoff=0.5)) as agent:

@@ -108,3 +108,51 @@ def test_a_monitor_waits_its_turn_on_a_busy_socket(tmp_path):
         for c in queued:
             c.close()
         server.close()
+
+
+def test_events_end_when_qemu_closes_the_connection(tmp_path):
+    """The events sent before qemu went are read, then the iteration ends (qemu.qmp's
+    own iterator waits on forever after a disconnect: the monitor saw a SIGKILLed qemu
+    only at its next round, and a VM's last events were waited for 1 s)."""
+    import asyncio
+    import json
+
+    from vmagent.qemu.qmp import Monitor
+    path = tmp_path / "qmp.sock"
+
+    async def qemu(reader, writer):
+        writer.write(json.dumps({"QMP": {"version": {"qemu": {"major": 7, "minor": 2,
+                     "micro": 0}, "package": ""}, "capabilities": []}}).encode() + b"\n")
+        data = b""                       # qmp_capabilities (qemu.qmp ends it with no newline)
+        while True:
+            data += await reader.read(4096)
+            try:
+                ask = json.loads(data)
+                break
+            except ValueError:
+                continue
+        writer.write(json.dumps({"return": {}, **({"id": ask["id"]} if "id" in ask
+                                                   else {})}).encode() + b"\n")
+        await connected.wait()
+        for kind in ("STOP", "SHUTDOWN"):
+            writer.write(json.dumps({"event": kind, "data": {}, "timestamp": {
+                "seconds": 0, "microseconds": 0}}).encode() + b"\n")
+        await writer.drain()
+        writer.close()                                       # qemu is gone
+
+    connected = None
+
+    async def body():
+        nonlocal connected
+        connected = asyncio.Event()
+        server = await asyncio.start_unix_server(qemu, str(path))
+        mon = await Monitor(path, "vm1").connect(5)
+        connected.set()
+        try:
+            seen = [e["event"] async for e in mon.events()]
+        finally:
+            await mon.close()
+            server.close()
+        return seen
+    seen = asyncio.run(asyncio.wait_for(body(), 10))
+    assert seen == ["STOP", "SHUTDOWN"]

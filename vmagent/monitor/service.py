@@ -26,6 +26,8 @@ from vmagent.vms.vm import VM
 
 log = logging.getLogger(__name__)
 
+GONE_WAIT = 1.0     # after its QMP stream ended, how long a qemu is watched exiting
+
 
 class MonitorService:
     def __init__(self, registry: VMRegistry, lifecycle: Lifecycle,
@@ -107,7 +109,7 @@ class MonitorService:
             if sig is None or sig.vm is not vm:
                 self._unwatch(vm.name)
                 sig = self.signals[vm.name] = VMSignals(vm, self.cfg, self.probes)
-                vm.on_qmp_closed = self._wake.set
+                vm.on_qmp_closed = lambda v=vm: self._qmp_closed(v)
             if vm.lock.locked():            # an operation holds it: checks only
                 sig.tick()
                 continue
@@ -126,6 +128,19 @@ class MonitorService:
             self._unwatch(name)
         for name in [n for n in self.healer.pending() if n not in names]:
             self.healer.forget(name)
+
+    def _qmp_closed(self, vm: VM) -> None:
+        """A VM's QMP stream ended: a round as soon as its qemu is gone (the socket
+        closes while qemu still exits: a round at once could still find it there)."""
+        async def wait_gone() -> None:
+            deadline = time.monotonic() + GONE_WAIT
+            while vm.machine.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            self._wake.set()
+
+        task = asyncio.create_task(wait_gone())
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
 
     def _unwatch(self, name: str) -> None:
         sig = self.signals.pop(name, None)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from vmagent.errors import QMPFailure, Timeout
 
@@ -114,6 +114,28 @@ class Monitor:
         except (QMPError, OSError, EOFError) as e:
             raise QMPFailure(f"{self.name}: {command}: connection lost ({e})",
                              command=command) from e
+
+    async def wait_closed(self) -> None:
+        """Until the connection is down (qemu closed it: exited or died; or we did)."""
+        while self.client.runstate == Runstate.RUNNING:
+            await self.client.runstate_changed()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """qemu's events as they come; the iteration ends once the connection is down
+        and what qemu sent before is read. (qemu.qmp's own event iterator waits on
+        forever after a disconnect.)"""
+        listener = self.client.events
+        closed = asyncio.ensure_future(self.wait_closed())
+        try:
+            while not (closed.done() and listener.empty()):
+                get = asyncio.ensure_future(listener.get())
+                await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield get.result()
+                else:
+                    get.cancel()
+        finally:
+            closed.cancel()
 
     async def close(self) -> None:
         try:

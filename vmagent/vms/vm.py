@@ -157,7 +157,7 @@ class VM:
 
     async def _watch_events(self, mon: Monitor) -> None:
         try:
-            async for event in mon.client.events:
+            async for event in mon.events():
                 kind = event.get("event")
                 log.info("%s: QMP event %s %s", self.name, kind, event.get("data", ""))
                 self.last_event = kind
