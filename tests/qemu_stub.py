@@ -17,7 +17,8 @@ Keys: ``fail_start`` ({"message", "exitcode", "times"}: fail before daemonizing;
 file it came from), ``ignore_powerdown``, ``guest_agent`` ("on", "silent": the socket
 exists but never answers, "absent": no socket), ``hang`` (read QMP and guest-agent
 commands, answer none), ``ssh`` ("banner" or "silent"), ``cloud_init_delay``,
-``shutdown_delay``, ``snapshot_error``, ``migrate_error``, ``guest_files`` ({PATH: text}:
+``shutdown_delay``, ``set_time_delay`` (seconds before ``guest-set-time`` answers, as
+qemu-ga's RTC sync takes), ``snapshot_error``, ``migrate_error``, ``guest_files`` ({PATH: text}:
 what ``guest-file-open`` finds for reading; without it the guest agent has no file
 commands), ``exec`` ({PATH: {"exitcode",
 "out"}}), and the triggers ``panic`` (GUEST_PANICKED, SHUTDOWN, exit), ``poweroff`` (the
@@ -570,6 +571,8 @@ class Stub:
                 if ctl.get("hang") or ctl.get("guest_agent") == "silent":
                     continue
                 await self.running.wait()       # a stopped guest answers nothing
+                if cmd == "guest-set-time":     # qemu-ga's `hwclock -w` after the clock
+                    await asyncio.sleep(float(ctl.get("set_time_delay", 0)))
                 try:
                     reply = self.qga_command(cmd, args)
                     if reply is None:           # guest-shutdown answers nothing

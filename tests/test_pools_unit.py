@@ -175,6 +175,32 @@ def test_a_member_that_was_not_ready_is_made_again_after_a_restart(stub):
     run(body(), timeout=90)
 
 
+def test_the_take_does_not_wait_for_the_guests_rtc_sync(stub):
+    """qemu-ga sets the clock as it takes guest-set-time, then runs `hwclock -w`
+    (which waits for the RTC's next second) before it answers: the take returns once
+    the command is written, the last of the hand-over's commands; the connection waits
+    for the answer, so the next client of the guest agent gets its own."""
+    import time
+
+    from vmagent.qemu.guest import guest_ping
+
+    async def body():
+        async with stub.running() as agent:
+            StubEnv.control(stub, guest_files={"/etc/hosts": "127.0.0.1 localhost\n"})
+            await pool_of_one(agent, "q")
+            StubEnv.control(stub, set_time_delay=3)
+            t0 = time.monotonic()
+            st = await call(agent, "create", name="quick", pool="q", ssh_keys=[KEY])
+            took = time.monotonic() - t0
+            vm = agent.registry.get("quick")
+            log = StubEnv.log(vm.run_dir, "qga")
+            assert st["handover"]["identity"] == "guest agent"
+            assert log[-1]["execute"] == "guest-set-time", log[-3:]
+            assert took < 3, took
+            assert await guest_ping(vm.qga, vm.name, timeout=10)
+    run(body(), timeout=60)
+
+
 def test_a_take_by_the_pools_creator_uses_the_guest_agents_file_commands(stub):
     async def body():
         async with stub.running() as agent:

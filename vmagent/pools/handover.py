@@ -67,19 +67,25 @@ class Handover:
             clear_mark(vm.run_dir)
             await vm.qmp("cont")
             timings["resume_s"] = round(time.monotonic() - t0, 3)
-            banner = asyncio.create_task(vm.wait_banner(BANNER_WAIT))
-            try:
-                if await quickid.give(vm.qga, vm.name, accounts, member_accounts,
-                                      timings):
-                    timings["identity"] = "guest agent"
-                else:
+            # the quick path leaves sshd as it was: it answered (the fill's warm-up
+            # login) before the member was paused, and the guest agent's answers show
+            # the guest runs again; the re-identification program restarts sshd with
+            # the member's keys, so that path waits for its banner (a banner check
+            # alongside the quick path would only compete with the caller's login)
+            if await quickid.give(vm.qga, vm.name, accounts, member_accounts, timings):
+                timings["identity"] = "guest agent"
+                timings["reidentify_s"] = round(time.monotonic() - t0, 3)
+            else:
+                banner = asyncio.create_task(vm.wait_banner(BANNER_WAIT))
+                try:
                     await self.warm.reidentify(vm, tpl, keys, timings)
                     timings["identity"] = "re-identification program"
-                timings["reidentify_s"] = round(time.monotonic() - t0, 3)
-                if not await banner and not await vm.wait_banner(BANNER_WAIT):
-                    raise Timeout(f"{vm.name}: sshd did not answer after the hand-over")
-            finally:
-                banner.cancel()
+                    timings["reidentify_s"] = round(time.monotonic() - t0, 3)
+                    if not await banner and not await vm.wait_banner(BANNER_WAIT):
+                        raise Timeout(f"{vm.name}: sshd did not answer after the "
+                                      "hand-over")
+                finally:
+                    banner.cancel()
             vm.ssh_ready, vm.ssh_checked = True, time.monotonic()
         except BaseException:
             log.exception("%s: handing pool member %s over failed; deleting it",

@@ -115,6 +115,20 @@ class Monitor:
             raise QMPFailure(f"{self.name}: {command}: connection lost ({e})",
                              command=command) from e
 
+    async def issue(self, command: str, arguments: dict[str, Any] | None = None,
+                    timeout: float | None = None) -> asyncio.Task:
+        """Send ``command`` and return once it is written to the socket; its answer is
+        the returned task's (for a command that answers late while what it did is done
+        at once: ``guest-set-time`` sets the clock, then waits for ``hwclock -w``).
+        (qemu.qmp has no public "sent": its pending-reply table and outgoing queue tell.)"""
+        before = set(self.client._pending)
+        task = asyncio.ensure_future(self.execute(command, arguments, timeout))
+        while not task.done() and set(self.client._pending) <= before:
+            await asyncio.sleep(0)
+        if not task.done():
+            await self.client._outgoing.join()
+        return task
+
     async def wait_closed(self) -> None:
         """Until the connection is down (qemu closed it: exited or died; or we did)."""
         while self.client.runstate == Runstate.RUNNING:
