@@ -60,6 +60,22 @@ def connect_unix(path: Path) -> socket.socket:
         raise
 
 
+class _Client(QMPClient):
+    """qemu.qmp's client, whose message hooks format each message for the debug log
+    only when that log is on (qemu.qmp's own format every message, pretty-printed JSON:
+    the monitor sends and reads several per VM each second)."""
+
+    def _cb_outbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", str(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
+
+
 class Monitor:
     """One QMP (or guest agent) connection. ``execute`` never waits forever."""
 
@@ -68,7 +84,7 @@ class Monitor:
         self.path = Path(path)
         self.name = name
         self.timeout = timeout
-        self.client = QMPClient(name)
+        self.client = _Client(name)
         if guest_agent:
             # qemu-ga sends no greeting and knows no qmp_capabilities
             self.client.await_greeting = False
