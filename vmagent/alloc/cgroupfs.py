@@ -23,6 +23,7 @@ from vmagent.spec import format_size
 
 log = logging.getLogger(__name__)
 
+
 def _write(path: Path, value: str) -> None:
     try:
         with open(path, "w") as f:

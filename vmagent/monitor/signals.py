@@ -65,8 +65,9 @@ class Check:
     at: float = 0.0                 # when the last check ended
     latency: float = 0.0            # how long it took
     runs: int = 0
-    backoff_max: float = 0.0        # >0: while it fails slowly (a timeout), wait 1, 2,
-                                    # 4 ... up to this; quick refusals are not backed off
+    backoff_max: float = 0.0        # >0: after the second slow failure in a row (a
+                                    # timeout) wait 2, 4, 8 ... s, up to this; quick
+                                    # refusals are not backed off
     adaptive_max: float = 0.0       # >0: the timeout follows how long recent answers
                                     # took (twice the slowest of the last 5) and grows
                                     # while it fails (x2, x4, x8), up to this
@@ -140,7 +141,7 @@ class VMSignals:
         self.vm = vm
         self.link = Check("link", probes["link"], cfg.link_timeout, adaptive_max=5.0)
         # every net check is an sshd the guest starts: a guest that does not greet in
-        # time (slow, overloaded) is asked less often, 1, 2, 4, 8 s apart, so the
+        # time (slow, overloaded) is asked less often, 2, 4, 8 s apart, so the
         # checks do not pile up in its sshd (a change to down is seen at once still);
         # a refused connection (sshd not started yet) is asked again every second
         self.net = Check("net", probes["net"], cfg.net_timeout, backoff_max=8.0,

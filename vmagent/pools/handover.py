@@ -69,9 +69,10 @@ class Handover:
             timings["resume_s"] = round(time.monotonic() - t0, 3)
             # the quick path leaves sshd as it was: it answered (the fill's warm-up
             # login) before the member was paused, and the guest agent's answers show
-            # the guest runs again; the re-identification program restarts sshd with
-            # the member's keys, so that path waits for its banner (a banner check
-            # alongside the quick path would only compete with the caller's login)
+            # the guest runs again (a banner check alongside would only compete with
+            # the caller's login); the re-identification program's path is the warm
+            # start's, which rewrites sshd's host key files and config and ends with
+            # a banner under them: it keeps that wait
             if await quickid.give(vm.qga, vm.name, accounts, member_accounts, timings):
                 timings["identity"] = "guest agent"
                 timings["reidentify_s"] = round(time.monotonic() - t0, 3)
