@@ -16,7 +16,8 @@ Keys: ``fail_start`` ({"message", "exitcode", "times"}: fail before daemonizing;
 ``{port}`` in the message is the SSH forward's port; ``times`` is counted down in the
 file it came from), ``ignore_powerdown``, ``guest_agent`` ("on", "silent": the socket
 exists but never answers, "absent": no socket), ``hang`` (read QMP and guest-agent
-commands, answer none), ``ssh`` ("banner" or "silent"), ``cloud_init_delay``,
+commands, answer none), ``guest_agent_delay`` (seconds before each guest-agent answer:
+a slow guest), ``ssh`` ("banner" or "silent"), ``cloud_init_delay``,
 ``shutdown_delay``, ``set_time_delay`` (seconds before ``guest-set-time`` answers, as
 qemu-ga's RTC sync takes), ``snapshot_error``, ``migrate_error``, ``guest_files`` ({PATH: text}:
 what ``guest-file-open`` finds for reading; without it the guest agent has no file
@@ -29,6 +30,10 @@ The agent trusts a pid only if ``/proc/PID/cmdline`` names a ``qemu-system*`` pr
 and a script run through ``#!/usr/bin/env python3`` shows there as ``python3``: install
 this file with a shebang naming a symlink to Python called ``qemu-system-...``
 (``tests/stub_helpers.py: install_stub``).
+
+The guest agent's socket serves one client at a time, as qemu's chardev does: a second
+connection is accepted and read once the first has closed; the guest agent answers the
+requests in order, each to whoever is connected when its answer is ready.
 
 Every command received is appended to ``stub-log.jsonl`` in the run dir (with the
 events sent), and the pid of every stub started is appended to ``HOME/stub-pids``.
@@ -235,6 +240,10 @@ class Stub:
         self.media: dict[str, str] = {}
         self.params: dict = {}
         self.execs: dict[int, dict] = {}
+        self.qga_client = asyncio.Lock()   # qemu's chardev serves one client at a time
+        self.qga_writer: asyncio.StreamWriter | None = None     # the one connected now
+        self.qga_requests: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Future] = []   # what runs until the stub exits
         self.handles: dict[int, dict] = {}     # open guest-file handles
         self.fired: set[str] = set()
         self.boot_task: asyncio.Task | None = None
@@ -561,33 +570,59 @@ class Stub:
     # --- guest agent ------------------------------------------------------------------
 
     async def serve_qga(self, reader, writer) -> None:
-        try:
-            async for msg in json_messages(reader):
-                if msg is None:
-                    continue
-                cmd, args = msg.get("execute"), msg.get("arguments") or {}
-                self.log(channel="qga", execute=cmd, arguments=args)
-                ctl = self.control.get()
-                if ctl.get("hang") or ctl.get("guest_agent") == "silent":
-                    continue
-                await self.running.wait()       # a stopped guest answers nothing
-                if cmd == "guest-set-time":     # qemu-ga's `hwclock -w` after the clock
-                    await asyncio.sleep(float(ctl.get("set_time_delay", 0)))
-                try:
-                    reply = self.qga_command(cmd, args)
-                    if reply is None:           # guest-shutdown answers nothing
+        # like qemu's chardev socket: the next client is accepted (its connect
+        # succeeds) but read only once the one before it has gone
+        async with self.qga_client:
+            self.qga_writer = writer
+            try:
+                async for msg in json_messages(reader):
+                    if msg is None:
                         continue
-                    out = {"return": reply}
-                except QMPError as e:
-                    out = {"error": {"class": e.cls, "desc": e.desc}}
-                if "id" in msg:
-                    out["id"] = msg["id"]
-                # guest-sync-delimited's answer follows a 0xFF byte, as qemu-ga's does
+                    cmd, args = msg.get("execute"), msg.get("arguments") or {}
+                    self.log(channel="qga", execute=cmd, arguments=args)
+                    ctl = self.control.get()
+                    if ctl.get("hang") or ctl.get("guest_agent") == "silent":
+                        continue
+                    self.qga_requests.put_nowait(msg)
+            except (ConnectionError, OSError, ValueError):
+                pass
+            finally:
+                self.qga_writer = None
+        writer.close()
+
+    async def qga_worker(self) -> None:
+        """The guest's qemu-ga: one request at a time, in the order received, each
+        answer written to whoever is connected when it is ready (a client that left
+        before its answer leaves it to the next one, as with the real channel)."""
+        while True:
+            msg = await self.qga_requests.get()
+            await self.running.wait()           # a stopped guest answers nothing
+            cmd, args = msg.get("execute"), msg.get("arguments") or {}
+            ctl = self.control.get()
+            delay = float(ctl.get("guest_agent_delay", 0))
+            if cmd == "guest-set-time":         # qemu-ga's `hwclock -w` after the clock
+                delay += float(ctl.get("set_time_delay", 0))
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                reply = self.qga_command(cmd, args)
+                if reply is None:               # guest-shutdown answers nothing
+                    continue
+                out = {"return": reply}
+            except QMPError as e:
+                out = {"error": {"class": e.cls, "desc": e.desc}}
+            if "id" in msg:
+                out["id"] = msg["id"]
+            writer = self.qga_writer
+            if writer is None:
+                continue
+            # guest-sync-delimited's answer follows a 0xFF byte, as qemu-ga's does
+            try:
                 writer.write((b"\xff" if cmd == "guest-sync-delimited" else b"") +
                              (json.dumps(out) + "\n").encode())
                 await writer.drain()
-        except (ConnectionError, OSError, ValueError):
-            pass
+            except (ConnectionError, OSError):
+                pass
 
     def qga_command(self, cmd: str, args: dict):
         if cmd in ("guest-sync", "guest-sync-delimited"):
@@ -722,6 +757,7 @@ async def serve(stub: Stub, socks: dict[str, socket.socket]) -> None:
             await asyncio.start_unix_server(handler, sock=sock)
         else:
             await asyncio.start_server(handlers[key], sock=sock)
+    stub.tasks.append(asyncio.ensure_future(stub.qga_worker()))
     stub.set_status(stub.status)
     if stub.status == "running":
         stub.boot()

@@ -182,8 +182,6 @@ def test_the_take_does_not_wait_for_the_guests_rtc_sync(stub):
     for the answer, so the next client of the guest agent gets its own."""
     import time
 
-    from vmagent.qemu.guest import guest_ping
-
     async def body():
         async with stub.running() as agent:
             StubEnv.control(stub, guest_files={"/etc/hosts": "127.0.0.1 localhost\n"})
@@ -200,7 +198,7 @@ def test_the_take_does_not_wait_for_the_guests_rtc_sync(stub):
                                        if e["execute"] == "guest-set-time"]
                               and StubEnv.log(vm.run_dir, "qga"), 2, "the clock set")
             assert log[-1]["execute"] == "guest-set-time", log[-3:]
-            assert await guest_ping(vm.qga, vm.name, timeout=10)
+            assert await vm.agent.ping(timeout=10)      # its turn after the clock's
     run(body(), timeout=60)
 
 

@@ -3,7 +3,8 @@ answers.
 
 * link: the guest answers. On qemu's user-mode network the host cannot ping the guest,
   so the link check is a ``guest-ping`` through qemu-guest-agent (its virtio-serial
-  port), on a fresh connection, with its own timeout.
+  port), with its own timeout, on the VM's kept guest-agent connection
+  (:class:`vmagent.qemu.guest.GuestAgent`: other callers take turns with it).
 * net: the guest's SSH port accepts a connection *and* sshd sends its banner (qemu's
   user networking accepts on the host side before the guest does anything).
 * qmp: ``query-status`` on the VM's QMP connection: what qemu says of the guest
@@ -25,7 +26,6 @@ from typing import Any, Awaitable, Callable
 
 from vmagent.alloc.config import MonitorConfig
 from vmagent.errors import VMAgentError
-from vmagent.qemu.guest import guest_ping
 from vmagent.vms.vm import VM, ssh_banner
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ Probe = Callable[[VM, float], Awaitable[Any]]
 
 
 async def link_probe(vm: VM, timeout: float) -> bool:
-    return await guest_ping(vm.qga, vm.name, timeout=timeout)
+    return await vm.agent.ping(timeout)
 
 
 async def net_probe(vm: VM, timeout: float) -> bool:

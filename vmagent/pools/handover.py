@@ -73,7 +73,7 @@ class Handover:
             # the caller's login); the re-identification program's path is the warm
             # start's, which rewrites sshd's host key files and config and ends with
             # a banner under them: it keeps that wait
-            if await quickid.give(vm.qga, vm.name, accounts, member_accounts, timings):
+            if await quickid.give(vm.agent, vm.name, accounts, member_accounts, timings):
                 timings["identity"] = "guest agent"
                 timings["reidentify_s"] = round(time.monotonic() - t0, 3)
             else:

@@ -22,7 +22,8 @@ from typing import Any
 
 from vmagent.errors import VMAgentError
 from vmagent.identity.accounts import Account
-from vmagent.qemu.qmp import Monitor, guest_agent
+from vmagent.qemu.guest import GuestAgent
+from vmagent.qemu.qmp import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,19 @@ async def _read(mon: Monitor, path: str, limit: int = 1 << 20) -> bytes:
     return out
 
 
-async def give(qga: Any, name: str, accounts: list[Account],
+async def give(agent: GuestAgent, name: str, accounts: list[Account],
                member: list[dict[str, Any]], timings: dict[str, Any]) -> bool:
     """Give the member its final name, the taker's keys and the clock; False (nothing
     to undo: the full program follows) when it does not apply or the agent refused.
-    Returns once the clock is set; the guest agent's connection stays open a moment
-    longer, until qemu-ga has also synced the RTC."""
+    Returns once the clock command is sent; the guest agent's channel stays taken a
+    moment longer, until qemu-ga has also synced the RTC and answered."""
     if not applies(accounts, member):
         return False
     t0 = time.monotonic()
     keys = {a.name: "".join(k + "\n" for k in a.keys).encode() for a in accounts}
     steps: dict[str, float] = {}
     clock_sent = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(_session(qga, name, keys, member, steps, clock_sent))
+    task = asyncio.create_task(_session(agent, name, keys, member, steps, clock_sent))
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     try:
@@ -90,7 +91,7 @@ async def give(qga: Any, name: str, accounts: list[Account],
     return True
 
 
-async def _session(qga: Any, name: str, keys: dict[str, bytes],
+async def _session(agent: GuestAgent, name: str, keys: dict[str, bytes],
                    member: list[dict[str, Any]], steps: dict[str, float],
                    clock_sent: asyncio.Future) -> None:
     """The hand-over's guest-agent commands; ``clock_sent`` is resolved once the clock
@@ -102,7 +103,7 @@ async def _session(qga: Any, name: str, keys: dict[str, bytes],
         now = time.monotonic()
         steps[what], t = round(now - t, 3), now
     try:
-        async with guest_agent(qga, name, timeout=10) as mon:
+        async with agent.session(10) as mon:
             step("connect")
             await _write(mon, "/proc/sys/kernel/hostname", f"{name}\n".encode())
             await _write(mon, "/etc/hostname", f"{name}\n".encode())

@@ -8,7 +8,6 @@ state dir, a 63-character VM name). :func:`connect_unix` connects through the ru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -145,6 +144,10 @@ class Monitor:
             await self.client._outgoing.join()
         return task
 
+    @property
+    def connected(self) -> bool:
+        return self.client.runstate == Runstate.RUNNING
+
     async def wait_closed(self) -> None:
         """Until the connection is down (qemu closed it: exited or died; or we did)."""
         while self.client.runstate == Runstate.RUNNING:
@@ -178,38 +181,3 @@ class Monitor:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-
-@contextlib.asynccontextmanager
-async def guest_agent(path: Path, name: str, timeout: float = 5.0) -> AsyncIterator[Monitor]:
-    """A connection to the guest agent, after a ``guest-sync`` so that a stale reply from
-    an earlier, timed-out call cannot be taken for one of this connection's."""
-    mon = Monitor(path, f"{name}/qga", guest_agent=True, timeout=timeout)
-    await mon.connect()
-    try:
-        token = int.from_bytes(os.urandom(4), "big") >> 1
-        got = await mon.execute("guest-sync", {"id": token}, timeout)
-        if got != token:
-            raise QMPFailure(f"{name}: guest agent out of sync")
-        yield mon
-    finally:
-        await mon.close()
-
-
-async def guest_agent_call(path: Path, name: str, command: str,
-                           arguments: dict[str, Any] | None = None, *,
-                           timeout: float = 5.0, no_reply: bool = False) -> Any:
-    """One guest-agent command on a fresh connection (see :func:`guest_agent`).
-    ``no_reply``: the command answers nothing on success (guest-shutdown)."""
-    async with guest_agent(path, name, timeout) as mon:
-        if no_reply:
-            try:
-                await mon.execute(command, arguments, timeout)
-            except Timeout:
-                pass
-            except QMPFailure as e:
-                if "connection lost" not in e.message:
-                    raise
-                # the guest went down on the order (its agent with it): taken
-            return None
-        return await mon.execute(command, arguments, timeout)

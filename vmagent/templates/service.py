@@ -170,8 +170,8 @@ class TemplateService:
                 await self._wait_booted(vm, t0 + limit - time.monotonic())
                 booted = time.monotonic()
                 job.begin("quiesce")
-                await wait_guest_agent(vm.qga, spec.name, GUEST_AGENT_WAIT)
-                code, out = await guest_exec(vm.qga, spec.name, "/bin/sh",
+                await wait_guest_agent(vm.agent, GUEST_AGENT_WAIT)
+                code, out = await guest_exec(vm.agent, "/bin/sh",
                                              ["-c", FORGET_KEYS_SH], timeout=120)
                 if code != 0:
                     raise QMPFailure(f"template {spec.name}: clearing authorized_keys and "

@@ -131,7 +131,7 @@ class WarmCreator:
         the RNG and the clock) through the guest agent, as root."""
         args = reidentify_argv(vm.name, vm.accounts, keys, uuid.uuid4().hex, time.time(),
                                os.urandom(64), tpl.admins)
-        code, out = await guest_exec(vm.qga, vm.name, "/usr/bin/perl", args, timeout=120,
+        code, out = await guest_exec(vm.agent, "/usr/bin/perl", args, timeout=120,
                                      agent_wait=GUEST_AGENT_WAIT)
         if code != 0 or "reidentified" not in out:
             raise QMPFailure(f"{vm.name}: re-identifying the clone failed (exit {code}): "

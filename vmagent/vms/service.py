@@ -263,7 +263,7 @@ class VMService:
             return None
         result = {"added": [a.name for a in upsert], "removed": remove, "ok": False}
         try:
-            code, out = await guest_exec(vm.qga, vm.name, "/bin/sh",
+            code, out = await guest_exec(vm.agent, "/bin/sh",
                                          ["-c", accounts_mod.sync_script(upsert, remove)],
                                          timeout=60, agent_wait=5)
         except VMAgentError as e:

@@ -27,7 +27,8 @@ from vmagent.poll import poll_until
 from vmagent.qemu import argv as qargv
 from vmagent.qemu.console import ConsoleLog
 from vmagent.qemu.machine import Machine
-from vmagent.qemu.qmp import Monitor, guest_agent_call
+from vmagent.qemu.guest import GuestAgent
+from vmagent.qemu.qmp import Monitor
 from vmagent.vms.events import EventLog
 from vmagent.vms.store import VMRecord
 
@@ -64,6 +65,7 @@ class VM:
         if rec.rt.launched_in:
             self.machine.launched_in = Path(rec.rt.launched_in)
         self.monitor: Monitor | None = None
+        self._agent: GuestAgent | None = None
         self._events: asyncio.Task | None = None
         self.lock = asyncio.Lock()
         self.resets = 0                 # RESET events seen since attach
@@ -118,6 +120,15 @@ class VM:
     def qga(self) -> Path:
         return self.run_dir / rundir.QGA_SOCK
 
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent's channel (one per VM, shared by every caller). A rename
+        moves the socket with the run dir; an open connection is not affected."""
+        if self._agent is None:
+            self._agent = GuestAgent(self.qga, self.name)
+        self._agent.path, self._agent.name = self.qga, self.name
+        return self._agent
+
     # --- process and QMP --------------------------------------------------------------
 
     async def launch(self, argv: list[str], prefix: list[str] = ()) -> int:
@@ -148,6 +159,8 @@ class VM:
             await asyncio.wait([self._events], timeout=timeout)
 
     async def detach(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
         if self._events is not None:
             self._events.cancel()
             self._events = None
@@ -247,15 +260,15 @@ class VM:
         ``shutdown -r +0``, which needs logind (and D-Bus); where that fails, run
         ``systemctl`` directly. True if the guest took the order."""
         try:
-            await guest_agent_call(self.qga, self.name, "guest-shutdown",
-                                   {"mode": mode}, timeout=3, no_reply=True)
+            await self.agent.call("guest-shutdown", {"mode": mode}, timeout=3,
+                                  no_reply=True)
             return True
         except VMAgentError as e:
             log.info("%s: guest-shutdown %s: %s", self.name, mode, e)
             if "failed" not in e.message:    # no agent at all: don't try again
                 return False
         try:
-            await guest_agent_call(self.qga, self.name, "guest-exec", {
+            await self.agent.call("guest-exec", {
                 "path": "systemctl", "arg": ["reboot" if mode == "reboot" else "poweroff"]},
                 timeout=3)
             return True
