@@ -94,7 +94,11 @@ def main() -> None:
                 res = (warm_vmctl_run if kind == "vmctl" else warm_api_run)(agent, name, key)
                 (warm_vmctl if kind == "vmctl" else warm_api).append(res)
                 log(f"  warm {kind}: {res['total_s']:.2f}s")
-        # clones first, then the template (it refuses while clones use it)
+                # not timed: the next run starts beside no other clone (an idle TCG
+                # guest still costs the host CPU)
+                agent.ok("DELETE", f"/vms/{name}")
+        # what is left (none unless a run failed half-way), then the template (it
+        # refuses while clones use it)
         for vm in agent.ok("GET", "/vms")["vms"]:
             agent.ok("DELETE", f"/vms/{vm['name']}")
         agent.ok("DELETE", f"/templates/{TEMPLATE}")
